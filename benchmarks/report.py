@@ -1,0 +1,82 @@
+"""Run the benchmarks once and print the ratios they are judged by.
+
+Each ``benchmarks/bench_*.py`` module declares ``RATIOS``: a list of
+``(label, baseline_test, subject_test, goal)``. The ratio is ``time(baseline) / time(subject)`` (how many
+times faster the subject is, from median times of the same run) and passes when it is ``>= goal``. A goal
+below 1 expresses a bound ("within 4x of memset" is goal 0.25).
+
+    python benchmarks/report.py                 # everything
+    python benchmarks/report.py -k lego         # a subset (pytest -k expression)
+    python benchmarks/report.py --json out.json # also write the table and raw medians
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def load_ratios(modules):
+    ratios = []
+    for path in sorted(HERE.glob("bench_*.py")):
+        if modules and path.stem not in modules:
+            continue
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for label, baseline, subject, goal in getattr(module, "RATIOS", []):
+            ratios.append({"module": path.stem, "label": label, "baseline": baseline, "subject": subject,
+                           "goal": goal})
+    return ratios
+
+
+def run_benchmarks(selection: str | None, extra: list[str]) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "bench.json"
+        command = [sys.executable, "-m", "pytest", str(HERE), "-q", "-p", "no:cacheprovider",
+                   f"--benchmark-json={out}", "--benchmark-min-rounds=5", "--benchmark-warmup=on", *extra]
+        if selection:
+            command += ["-k", selection]
+        subprocess.run(command, check=False)
+        if not out.exists():
+            sys.exit("benchmarks produced no results")
+        data = json.loads(out.read_text())
+    return {bench["name"]: bench["stats"]["median"] for bench in data["benchmarks"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-k", dest="selection", help="pytest -k expression selecting benchmarks")
+    parser.add_argument("--json", type=pathlib.Path, help="write results here")
+    args, extra = parser.parse_known_args(argv)
+
+    medians = run_benchmarks(args.selection, extra)
+    rows = []
+    for ratio in load_ratios(None):
+        base, subject = medians.get(ratio["baseline"]), medians.get(ratio["subject"])
+        if base is None or subject is None:
+            continue
+        value = base / subject
+        rows.append({**ratio, "ratio": value, "ok": value >= ratio["goal"]})
+
+    print("\n## Timings (median, ms)\n")
+    print("| benchmark | median ms |\n|---|---:|")
+    for name, median in medians.items():
+        print(f"| {name} | {median * 1e3:.4g} |")
+    print("\n## Ratios (time of baseline / time of subject, same run)\n")
+    print("| what | ratio | goal | ok |\n|---|---:|---:|:-:|")
+    for row in rows:
+        print(f"| {row['label']} | {row['ratio']:.3g}x | >= {row['goal']:g}x | {'yes' if row['ok'] else 'NO'} |")
+    if args.json:
+        args.json.write_text(json.dumps({"medians": medians, "ratios": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

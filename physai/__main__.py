@@ -1,0 +1,3 @@
+from physai.cli import main
+
+raise SystemExit(main())

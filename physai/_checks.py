@@ -1,0 +1,82 @@
+"""Argument checks shared by the public API: each failure names the argument, what was expected and what
+was received, as a ``TypeError`` (wrong kind of object) or ``ValueError`` (right kind, bad value)."""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+
+import numpy as np
+
+
+def check_int(value, name: str, *, min: int | None = None, max: int | None = None) -> int:
+    """Return ``value`` as a Python int; bools and floats are refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if min is not None and value < min:
+        raise ValueError(f"{name}: expected an integer >= {min}, got {value}")
+    if max is not None and value > max:
+        raise ValueError(f"{name}: expected an integer <= {max}, got {value}")
+    return value
+
+
+def check_seed(seed) -> int:
+    """A seed is an integer in [0, 2**64)."""
+    return check_int(seed, "seed", min=0, max=2**64 - 1)
+
+
+def check_float(value, name: str, *, positive: bool = False, nonnegative: bool = False) -> float:
+    """Return ``value`` as a finite Python float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name}: expected a number > 0, got {value}")
+    if nonnegative and value < 0:
+        raise ValueError(f"{name}: expected a number >= 0, got {value}")
+    return value
+
+
+def check_choice(value, name: str, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected one of {choices}, got {type(value).__name__} {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def check_dtype(dtype, name: str = "dtype") -> np.dtype:
+    """float32 or float64 (anything numpy reads as one of them)."""
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError as error:
+        raise TypeError(f"{name}: expected float32 or float64, got {dtype!r}") from error
+    if resolved not in (np.float32, np.float64):
+        raise TypeError(f"{name}: expected float32 or float64, got {resolved}")
+    return resolved
+
+
+def check_array(x, name: str, *, dtype=None, ndim=None, shape=None, contiguous: bool = True) -> np.ndarray:
+    """Check a numpy array without copying it.
+
+    ``ndim`` may be an int or a tuple of allowed ranks; ``shape`` a tuple with ``None`` for free extents.
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(x).__name__}")
+    if dtype is not None and x.dtype != np.dtype(dtype):
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype)}, got {x.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.ndim not in allowed:
+            raise ValueError(f"{name}: expected {' or '.join(map(str, allowed))} dimensions, got shape {x.shape}")
+    if shape is not None:
+        if x.ndim != len(shape) or any(s is not None and s != e for s, e in zip(shape, x.shape)):
+            wanted = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name}: expected shape {wanted}, got {x.shape}")
+    if contiguous and not x.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array (use np.ascontiguousarray)")
+    return x

@@ -1,0 +1,30 @@
+"""The ``physai`` command line (also ``python -m physai``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    from physai import native_info
+
+    print(json.dumps(native_info(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="physai", description="physics-of-AI experiments, fast")
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="describe the native build")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+import physai
+
+
+def test_native_info_reports_the_build():
+    info = physai.native_info()
+    assert info["version"] == physai.__version__
+    assert "OpenBLAS" in info["blas"]
+    assert info["threads"] >= 1
+    assert isinstance(info["cuda_compiled"], bool)
+    assert info["cuda_devices"] >= 0
+
+
+def test_thread_context_restores():
+    before = physai.get_num_threads()
+    with physai.num_threads(1):
+        assert physai.get_num_threads() == 1
+    assert physai.get_num_threads() == before
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_set_num_threads_rejects_nonpositive(bad):
+    with pytest.raises(ValueError, match="n: expected an integer >= 1"):
+        physai.set_num_threads(bad)
+
+
+@pytest.mark.parametrize("bad", [1.5, "2", None, True])
+def test_set_num_threads_rejects_non_integers(bad):
+    with pytest.raises(TypeError, match="n: expected an integer"):
+        physai.set_num_threads(bad)
+
+
+def test_import_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, physai, physai.lego, physai.twolayer, physai.spectrum; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_cli_info_runs():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "physai", "info"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["version"] == physai.__version__
