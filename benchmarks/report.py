@@ -39,12 +39,12 @@ def load_ratios(modules):
 def run_benchmarks(selection: str | None, extra: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "bench.json"
-        command = [sys.executable, "-m", "pytest", str(HERE), "-q", "-p", "no:cacheprovider",
+        command = [sys.executable, "-m", "pytest", str(HERE), "-q", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
                    f"--benchmark-json={out}", "--benchmark-min-rounds=5", "--benchmark-warmup=on", *extra]
         if selection:
             command += ["-k", selection]
         subprocess.run(command, check=False)
-        if not out.exists():
+        if not out.exists() or not out.read_text().strip():
             sys.exit("benchmarks produced no results")
         data = json.loads(out.read_text())
     return {bench["name"]: bench["stats"]["median"] for bench in data["benchmarks"]}

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+
+
+# Each module adds its subcommand with add_parser(commands) and imports its heavy dependencies only when run.
+_COMMAND_MODULES = ("physai.lego.cli",)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -18,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="describe the native build")
     info.set_defaults(run=_info)
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).add_parser(commands)
     return parser
 
 

@@ -1,0 +1,28 @@
+#include "lego/generate.hpp"
+
+#include "common/errors.hpp"
+#include "common/threading.hpp"
+
+namespace physai::lego {
+
+void generate(const Spec& spec, uint64_t seed, uint64_t start, int64_t batch, int64_t* tokens, int64_t* labels,
+              int64_t* positions, int64_t* depth) {
+  PHYSAI_REQUIRE(spec.n_vars >= 1 && spec.n_vars <= kMaxVars, "n_vars: expected 1..", kMaxVars, ", got ", spec.n_vars);
+  PHYSAI_REQUIRE(spec.n_elements >= 1, "group: expected at least one element, got ", spec.n_elements);
+  PHYSAI_REQUIRE(spec.components >= 1 && spec.components <= spec.n_vars, "components: expected 1..n_vars (",
+                 spec.n_vars, "), got ", spec.components);
+  PHYSAI_REQUIRE(batch >= 0, "batch_size: expected >= 0, got ", batch);
+  PHYSAI_REQUIRE(start + static_cast<uint64_t>(batch) >= start, "start: start + batch_size overflows 64 bits");
+  const int64_t row = tokens_per_sentence(spec.n_vars), n = spec.n_vars;
+  // Chunks of samples amortise the per-iteration scheduling cost; the output of a sample never depends on them.
+  constexpr int64_t kChunk = 64;
+  const int64_t chunks = (batch + kChunk - 1) / kChunk;
+  parallel_for(chunks, [&](int64_t c) {
+    const int64_t end = c * kChunk + kChunk < batch ? c * kChunk + kChunk : batch;
+    for (int64_t b = c * kChunk; b < end; ++b)
+      sample_one(spec, seed, start + static_cast<uint64_t>(b), tokens + b * row, labels + b * n, positions + b * n,
+                 depth + b * n);
+  });
+}
+
+}  // namespace physai::lego

@@ -1,0 +1,100 @@
+// One LEGO sentence from its (seed, index) counter stream. Header-only and free of allocation, exceptions and
+// std containers, so the CPU batch loop (generate.cpp) and a CUDA kernel call this very function and agree to
+// the bit. Its pure-Python twin is physai/lego/reference.py::sample_one.
+//
+// Draws, in this order, from CounterStream(seed, index, kLegoDomain):
+//   1. variable names: partial Fisher-Yates over the kVarVocab letters, one uniform_int per variable;
+//   2. tree graphs only: parent of each non-root node i, uniform_int(i);
+//   3. the group element of each clause, uniform_int(n_elements);
+//   4. when shuffling: clause order, Fisher-Yates from the last slot down, uniform_int(j + 1).
+#pragma once
+#include <cstdint>
+
+#include "common/philox.hpp"
+
+namespace physai::lego {
+
+constexpr int kVarVocab = 26;
+constexpr int kMaxVars = kVarVocab;
+constexpr int kTokensPerClause = 5;
+constexpr uint32_t kLegoDomain = 0x4C45474Fu;  // "LEGO"
+
+enum class Graph : int32_t { Chain = 0, Tree = 1 };
+
+struct Spec {
+  int32_t n_vars;
+  int32_t n_elements;
+  int32_t components;   // disconnected chains / trees
+  Graph graph;
+  bool shuffle;
+  const int32_t* table;  // [n_elements * n_elements], table[g * n_elements + v] = g·v
+  // token ids
+  int64_t tok_cls, tok_sep, tok_eq, tok_comma, tok_base, tok_element0, tok_var0;
+};
+
+PHYSAI_HD int64_t tokens_per_sentence(int32_t n_vars) { return int64_t(kTokensPerClause) * n_vars + 2; }
+
+// Writes tokens [5n+2], labels/positions/depth [n] of sample `index`. Variables are in graph order: component
+// by component, each root first; a chain's variables follow the chain, a tree's follow node creation order.
+PHYSAI_HD void sample_one(const Spec& s, uint64_t seed, uint64_t index, int64_t* tokens, int64_t* labels,
+                          int64_t* positions, int64_t* depth) {
+  CounterStream stream(seed, index, kLegoDomain);
+  const int32_t n = s.n_vars;
+
+  int32_t names[kVarVocab];
+  for (int32_t i = 0; i < kVarVocab; ++i) names[i] = i;
+  for (int32_t i = 0; i < n; ++i) {
+    const int32_t j = i + static_cast<int32_t>(stream.uniform_int(static_cast<uint32_t>(kVarVocab - i)));
+    const int32_t t = names[i]; names[i] = names[j]; names[j] = t;
+  }
+
+  int32_t parent[kMaxVars];
+  if (s.graph == Graph::Tree) {
+    for (int32_t i = 0; i < n; ++i)
+      parent[i] = i < s.components ? -1 : static_cast<int32_t>(stream.uniform_int(static_cast<uint32_t>(i)));
+  } else {
+    const int32_t base = n / s.components, extra = n % s.components;
+    int32_t next_root = 0;
+    for (int32_t c = 0, i = 0; i < n; ++i) {
+      if (i == next_root) {
+        parent[i] = -1;
+        next_root += base + (c < extra ? 1 : 0);
+        ++c;
+      } else {
+        parent[i] = i - 1;
+      }
+    }
+  }
+
+  int32_t element[kMaxVars];
+  for (int32_t i = 0; i < n; ++i) element[i] = static_cast<int32_t>(stream.uniform_int(static_cast<uint32_t>(s.n_elements)));
+
+  int32_t slot[kMaxVars];  // clause slot of the i-th variable in graph order
+  for (int32_t i = 0; i < n; ++i) slot[i] = i;
+  if (s.shuffle) {
+    for (int32_t j = n - 1; j > 0; --j) {
+      const int32_t r = static_cast<int32_t>(stream.uniform_int(static_cast<uint32_t>(j + 1)));
+      const int32_t t = slot[j]; slot[j] = slot[r]; slot[r] = t;
+    }
+  }
+
+  // Parents precede children in graph order, so one forward pass resolves every value and depth.
+  int32_t value[kMaxVars];
+  tokens[0] = s.tok_cls;
+  for (int32_t i = 0; i < n; ++i) {
+    const int32_t p = parent[i];
+    value[i] = p < 0 ? element[i] : s.table[element[i] * s.n_elements + value[p]];
+    labels[i] = value[i];
+    depth[i] = p < 0 ? 0 : depth[p] + 1;
+    const int64_t at = 1 + int64_t(kTokensPerClause) * slot[i];
+    positions[i] = at;
+    tokens[at] = s.tok_var0 + names[i];
+    tokens[at + 1] = s.tok_eq;
+    tokens[at + 2] = s.tok_element0 + element[i];
+    tokens[at + 3] = p < 0 ? s.tok_base : s.tok_var0 + names[p];
+    tokens[at + 4] = s.tok_comma;
+  }
+  tokens[1 + int64_t(kTokensPerClause) * n] = s.tok_sep;
+}
+
+}  // namespace physai::lego

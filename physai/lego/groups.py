@@ -1,0 +1,98 @@
+"""Finite groups for LEGO sentences, given by Cayley tables.
+
+A group of order G is an int32 table ``[G, G]`` with ``table[g, v] = g·v`` and element names used as tokens.
+Built-ins: ``"z2"`` (elements ``+``/``-``, the paper's sign flips), ``"z<k>"`` (``+0``..``+<k-1>``, addition
+mod k), ``"s3"`` (permutations of three objects). Any other finite group is accepted as a Cayley table and
+validated: closure, identity, inverses, associativity.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Group:
+    """A finite group: ``table[g, v]`` is the index of g·v; ``names[g]`` the token of element g."""
+
+    name: str
+    table: np.ndarray
+    names: tuple[str, ...]
+
+    @property
+    def order(self) -> int:
+        return len(self.names)
+
+    @property
+    def identity(self) -> int:
+        return int(np.flatnonzero((self.table == np.arange(self.order)).all(axis=1))[0])
+
+
+def validate_cayley_table(table) -> np.ndarray:
+    """Return ``table`` as a C-contiguous int32 array after checking the group axioms.
+
+    Raises ``TypeError`` for a non-integer table and ``ValueError`` naming the failed axiom (shape, closure,
+    identity, inverses, associativity) with a witness.
+    """
+    array = np.asarray(table)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"group: a Cayley table must hold integers, got dtype {array.dtype}")
+    if array.ndim != 2 or array.shape[0] != array.shape[1] or array.shape[0] == 0:
+        raise ValueError(f"group: a Cayley table must be a non-empty square [G, G] array, got shape {array.shape}")
+    order = array.shape[0]
+    if array.min() < 0 or array.max() >= order:
+        bad = tuple(int(i) for i in np.argwhere((array < 0) | (array >= order))[0])
+        raise ValueError(f"group: closure fails: table{bad} = {int(array[bad])} is not an element 0..{order - 1}")
+    elements = np.arange(order)
+    identities = np.flatnonzero((array == elements).all(axis=1) & (array.T == elements).all(axis=1))
+    if identities.size == 0:
+        raise ValueError("group: identity fails: no element e with e·x = x·e = x for every x")
+    identity = identities[0]
+    for x in range(order):
+        if not np.any((array[x] == identity) & (array[:, x] == identity)):
+            raise ValueError(f"group: inverses fail: element {x} has no y with x·y = y·x = identity")
+    left = array[array[:, :, None], elements[None, None, :]]  # (a·b)·c
+    right = array[elements[:, None, None], array[None, :, :]]  # a·(b·c)
+    if not np.array_equal(left, right):
+        a, b, c = (int(i) for i in np.argwhere(left != right)[0])
+        raise ValueError(f"group: associativity fails: ({a}·{b})·{c} != {a}·({b}·{c})")
+    return np.ascontiguousarray(array, dtype=np.int32)
+
+
+def _cyclic(k: int) -> Group:
+    table = (np.arange(k)[:, None] + np.arange(k)[None, :]) % k
+    names = ("+", "-") if k == 2 else tuple(f"+{i}" for i in range(k))
+    return Group(f"z{k}", table.astype(np.int32), names)
+
+
+def _s3() -> Group:
+    perms = [(0, 1, 2), (1, 0, 2), (2, 1, 0), (0, 2, 1), (1, 2, 0), (2, 0, 1)]
+    names = ("()", "(12)", "(13)", "(23)", "(123)", "(132)")
+    index = {p: i for i, p in enumerate(perms)}
+    # (g·v)(x) = g(v(x)): apply v first, then g.
+    table = np.array([[index[tuple(g[v[x]] for x in range(3))] for v in perms] for g in perms], dtype=np.int32)
+    return Group("s3", table, names)
+
+
+def resolve_group(group, names=None) -> Group:
+    """``group`` is ``"z2"``, ``"z<k>"`` (k >= 2), ``"s3"``, a Cayley table, or a ``Group``."""
+    if isinstance(group, Group):
+        return group
+    if isinstance(group, str):
+        match = re.fullmatch(r"z(\d+)", group)
+        if match and int(match.group(1)) >= 2:
+            return _cyclic(int(match.group(1)))
+        if group == "s3":
+            return _s3()
+        raise ValueError(f"group: expected 'z2', 'z<k>' with k >= 2, 's3' or a Cayley table, got {group!r}")
+    if isinstance(group, (list, tuple, np.ndarray)):
+        table = validate_cayley_table(group)
+        if names is None:
+            names = tuple(f"g{i}" for i in range(table.shape[0]))
+        names = tuple(names)
+        if len(names) != table.shape[0] or len(set(names)) != len(names):
+            raise ValueError(f"element_names: expected {table.shape[0]} distinct names, got {names!r}")
+        return Group("table", table, names)
+    raise TypeError(f"group: expected a name or a Cayley table, got {type(group).__name__}")
