@@ -39,12 +39,34 @@ struct Philox4x32 {
   }
 };
 
+// Exactly uniform integer in [0, n), n >= 1, from a source of u32 draws: Lemire's multiply-shift with
+// rejection of the biased band (taken with probability < n / 2^32).
+template <class Stream>
+PHYSAI_HD uint32_t uniform_int_from(Stream& stream, uint32_t n) {
+  uint64_t m = static_cast<uint64_t>(stream.next_u32()) * n;
+  uint32_t low = static_cast<uint32_t>(m);
+  if (low < n) {
+    const uint32_t threshold = (0u - n) % n;
+    while (low < threshold) {
+      m = static_cast<uint64_t>(stream.next_u32()) * n;
+      low = static_cast<uint32_t>(m);
+    }
+  }
+  return static_cast<uint32_t>(m >> 32);
+}
+
 // Sequential reader of the draws of one (seed, sample, domain) stream.
 class CounterStream {
  public:
   PHYSAI_HD CounterStream(uint64_t seed, uint64_t sample, uint32_t domain)
       : k0_(static_cast<uint32_t>(seed)), k1_(static_cast<uint32_t>(seed >> 32)),
         s0_(static_cast<uint32_t>(sample)), s1_(static_cast<uint32_t>(sample >> 32)), domain_(domain) {}
+
+  // Continue the stream from draw 4 * block (used after draws served from a precomputed block buffer).
+  PHYSAI_HD void seek_block(uint32_t block) {
+    block_ = block;
+    lane_ = 4;
+  }
 
   PHYSAI_HD uint32_t next_u32() {
     if (lane_ == 4) {
@@ -56,19 +78,7 @@ class CounterStream {
     return block_words_[lane_++];
   }
 
-  // Exactly uniform integer in [0, n), n >= 1: Lemire's multiply-shift with rejection of the biased band.
-  PHYSAI_HD uint32_t uniform_int(uint32_t n) {
-    uint64_t m = static_cast<uint64_t>(next_u32()) * n;
-    uint32_t low = static_cast<uint32_t>(m);
-    if (low < n) {
-      const uint32_t threshold = (0u - n) % n;
-      while (low < threshold) {
-        m = static_cast<uint64_t>(next_u32()) * n;
-        low = static_cast<uint32_t>(m);
-      }
-    }
-    return static_cast<uint32_t>(m >> 32);
-  }
+  PHYSAI_HD uint32_t uniform_int(uint32_t n) { return uniform_int_from(*this, n); }
 
   // Uniform in [0, 1) with 53 random bits (two draws).
   PHYSAI_HD double uniform_double() {
@@ -81,6 +91,32 @@ class CounterStream {
   uint32_t block_ = 0;
   uint32_t lane_ = 4;
   uint32_t block_words_[4] = {0, 0, 0, 0};
+};
+
+// The first `blocks` blocks (4 * blocks draws) of the streams of samples first .. first+count-1, written
+// sample-major into out[count][4 * blocks]. Vectorised across samples; equal to CounterStream's draws.
+void philox_stream_blocks(uint64_t seed, uint64_t first, int64_t count, uint32_t domain, uint32_t blocks,
+                          uint32_t* out);
+
+// Draws served from a philox_stream_blocks buffer, continuing with the scalar generator past its end, so the
+// sequence is exactly CounterStream's.
+class PrefetchedStream {
+ public:
+  PrefetchedStream(const uint32_t* words, uint32_t blocks, uint64_t seed, uint64_t sample, uint32_t domain)
+      : words_(words), available_(4 * blocks), blocks_(blocks), tail_(seed, sample, domain) {}
+
+  uint32_t next_u32() {
+    if (used_ < available_) return words_[used_++];
+    if (used_++ == available_) tail_.seek_block(blocks_);
+    return tail_.next_u32();
+  }
+
+  uint32_t uniform_int(uint32_t n) { return uniform_int_from(*this, n); }
+
+ private:
+  const uint32_t* words_;
+  uint32_t available_, blocks_, used_ = 0;
+  CounterStream tail_;
 };
 
 }  // namespace physai

@@ -15,13 +15,19 @@ void generate(const Spec& spec, uint64_t seed, uint64_t start, int64_t batch, in
   PHYSAI_REQUIRE(start + static_cast<uint64_t>(batch) >= start, "start: start + batch_size overflows 64 bits");
   const int64_t row = tokens_per_sentence(spec.n_vars), n = spec.n_vars;
   // Chunks of samples amortise the per-iteration scheduling cost; the output of a sample never depends on them.
-  constexpr int64_t kChunk = 64;
+  constexpr int64_t kChunk = 128;
   const int64_t chunks = (batch + kChunk - 1) / kChunk;
+  // The random words of a chunk are made first, vectorised across samples, then consumed sample by sample.
+  const uint32_t blocks = static_cast<uint32_t>((typical_draws(spec) + 3) / 4);
   parallel_for(chunks, [&](int64_t c) {
-    const int64_t end = c * kChunk + kChunk < batch ? c * kChunk + kChunk : batch;
-    for (int64_t b = c * kChunk; b < end; ++b)
-      sample_one(spec, seed, start + static_cast<uint64_t>(b), tokens + b * row, labels + b * n, positions + b * n,
-                 depth + b * n);
+    uint32_t words[kChunk * 4 * ((3 * kMaxVars + 3) / 4)];
+    const int64_t first = c * kChunk, count = first + kChunk < batch ? kChunk : batch - first;
+    philox_stream_blocks(seed, start + static_cast<uint64_t>(first), count, kLegoDomain, blocks, words);
+    for (int64_t j = 0; j < count; ++j) {
+      const int64_t b = first + j;
+      PrefetchedStream stream(words + j * 4 * blocks, blocks, seed, start + static_cast<uint64_t>(b), kLegoDomain);
+      sample_from(spec, stream, tokens + b * row, labels + b * n, positions + b * n, depth + b * n);
+    }
   });
 }
 

@@ -36,16 +36,17 @@ PHYSAI_HD int64_t tokens_per_sentence(int32_t n_vars) { return int64_t(kTokensPe
 
 // Writes tokens [5n+2], labels/positions/depth [n] of sample `index`. Variables are in graph order: component
 // by component, each root first; a chain's variables follow the chain, a tree's follow node creation order.
-PHYSAI_HD void sample_one(const Spec& s, uint64_t seed, uint64_t index, int64_t* tokens, int64_t* labels,
-                          int64_t* positions, int64_t* depth) {
-  CounterStream stream(seed, index, kLegoDomain);
+// Draws read from `stream` (a CounterStream, or a PrefetchedStream serving the same words).
+template <class Stream>
+PHYSAI_HD void sample_from(const Spec& s, Stream& stream, int64_t* __restrict tokens, int64_t* __restrict labels,
+                           int64_t* __restrict positions, int64_t* __restrict depth) {
   const int32_t n = s.n_vars;
 
-  int32_t names[kVarVocab];
-  for (int32_t i = 0; i < kVarVocab; ++i) names[i] = i;
+  uint8_t names[kVarVocab];
+  for (int32_t i = 0; i < kVarVocab; ++i) names[i] = static_cast<uint8_t>(i);
   for (int32_t i = 0; i < n; ++i) {
     const int32_t j = i + static_cast<int32_t>(stream.uniform_int(static_cast<uint32_t>(kVarVocab - i)));
-    const int32_t t = names[i]; names[i] = names[j]; names[j] = t;
+    const uint8_t t = names[i]; names[i] = names[j]; names[j] = t;
   }
 
   int32_t parent[kMaxVars];
@@ -78,23 +79,41 @@ PHYSAI_HD void sample_one(const Spec& s, uint64_t seed, uint64_t index, int64_t*
     }
   }
 
-  // Parents precede children in graph order, so one forward pass resolves every value and depth.
-  int32_t value[kMaxVars];
+  // Parents precede children in graph order, so one forward pass resolves every value and depth. Token ids
+  // are copied to locals: the int64 output stores could otherwise alias them and force reloads.
+  const int64_t tok_eq = s.tok_eq, tok_comma = s.tok_comma, tok_base = s.tok_base, tok_element0 = s.tok_element0,
+                tok_var0 = s.tok_var0;
+  const int32_t n_elements = s.n_elements;
+  const int32_t* __restrict table = s.table;
+  int32_t value[kMaxVars], level[kMaxVars];
   tokens[0] = s.tok_cls;
   for (int32_t i = 0; i < n; ++i) {
     const int32_t p = parent[i];
-    value[i] = p < 0 ? element[i] : s.table[element[i] * s.n_elements + value[p]];
-    labels[i] = value[i];
-    depth[i] = p < 0 ? 0 : depth[p] + 1;
+    value[i] = p < 0 ? element[i] : table[element[i] * n_elements + value[p]];
+    level[i] = p < 0 ? 0 : level[p] + 1;
     const int64_t at = 1 + int64_t(kTokensPerClause) * slot[i];
+    labels[i] = value[i];
+    depth[i] = level[i];
     positions[i] = at;
-    tokens[at] = s.tok_var0 + names[i];
-    tokens[at + 1] = s.tok_eq;
-    tokens[at + 2] = s.tok_element0 + element[i];
-    tokens[at + 3] = p < 0 ? s.tok_base : s.tok_var0 + names[p];
-    tokens[at + 4] = s.tok_comma;
+    int64_t* __restrict clause = tokens + at;
+    clause[0] = tok_var0 + names[i];
+    clause[1] = tok_eq;
+    clause[2] = tok_element0 + element[i];
+    clause[3] = p < 0 ? tok_base : tok_var0 + names[p];
+    clause[4] = tok_comma;
   }
   tokens[1 + int64_t(kTokensPerClause) * n] = s.tok_sep;
+}
+
+// Number of draws a sample makes when no uniform_int rejects (rejections add draws, rarely).
+PHYSAI_HD int32_t typical_draws(const Spec& s) {
+  return s.n_vars + (s.graph == Graph::Tree ? s.n_vars - s.components : 0) + s.n_vars + (s.shuffle ? s.n_vars - 1 : 0);
+}
+
+PHYSAI_HD void sample_one(const Spec& s, uint64_t seed, uint64_t index, int64_t* tokens, int64_t* labels,
+                          int64_t* positions, int64_t* depth) {
+  CounterStream stream(seed, index, kLegoDomain);
+  sample_from(s, stream, tokens, labels, positions, depth);
 }
 
 }  // namespace physai::lego
