@@ -39,13 +39,14 @@ inline int num_threads() { return scipy_openblas_get_num_threads(); }
 inline void set_num_threads(int n) { scipy_openblas_set_num_threads(n); }
 inline const char* config() { return scipy_openblas_get_config(); }
 
-// Inside OpenMP-parallel tiles BLAS must run single-threaded, or the two thread pools oversubscribe the cores.
-class SingleThreadedScope {
+// BLAS threads for a scope. Inside OpenMP-parallel loops BLAS must run single-threaded, or the two thread pools
+// oversubscribe the cores; outside them it gets physai's thread count.
+class ThreadsScope {
  public:
-  SingleThreadedScope() : previous_(num_threads()) { set_num_threads(1); }
-  ~SingleThreadedScope() { set_num_threads(previous_); }
-  SingleThreadedScope(const SingleThreadedScope&) = delete;
-  SingleThreadedScope& operator=(const SingleThreadedScope&) = delete;
+  explicit ThreadsScope(int threads) : previous_(num_threads()) { set_num_threads(threads); }
+  ~ThreadsScope() { set_num_threads(previous_); }
+  ThreadsScope(const ThreadsScope&) = delete;
+  ThreadsScope& operator=(const ThreadsScope&) = delete;
 
  private:
   int previous_;

@@ -1,0 +1,323 @@
+#include "twolayer/kernels.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "common/blas.hpp"
+#include "common/errors.hpp"
+#include "common/threading.hpp"
+
+namespace physai::twolayer {
+
+using blas::Trans;
+
+namespace {
+
+// Rows per tile: Z, S and sigma' of a tile (3 m values per row) should stay within ~1 MiB of cache, but tiles shorter
+// than 128 rows make the weight-gradient GEMMs thin and re-read dW too often.
+template <class T>
+int64_t tile_rows(int64_t n, int64_t m) {
+  const int64_t fit = (int64_t(1) << 20) / (3 * std::max<int64_t>(m, 1) * int64_t(sizeof(T)));
+  return std::min(n, std::max<int64_t>(fit, 128));
+}
+
+// Several members: one per thread with single-threaded BLAS. One member: BLAS and elementwise loops get the threads.
+template <class Body>
+void over_members(int64_t E, Body&& body) {
+  const int threads = num_threads();
+  if (E > 1 && threads > 1) {
+    blas::ThreadsScope scope(1);
+    parallel_for(E, [&](int64_t e) { body(e, false); });
+  } else {
+    blas::ThreadsScope scope(threads);
+    for (int64_t e = 0; e < E; ++e) body(e, threads > 1);
+  }
+}
+
+template <class Body>
+void over_rows(int64_t rows, bool parallel, Body&& body) {
+  if (parallel) {
+    parallel_for(rows, body);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) body(r);
+  }
+}
+
+// Z = input_scale * X_t W^T + b, then S = sigma(Z) in place of Z; D1 = sigma'(Z) and D2 = sigma''(Z) when asked.
+template <class T>
+void hidden(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, T* S, T* D1, T* D2, bool parallel) {
+  const int64_t m = net.m, d = net.d;
+  blas::gemm(Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, net.W_of(e), d, T(0), S, m);
+  const T* b = net.b_of(e);
+  const Activation act = net.activation;
+  over_rows(rows, parallel, [&](int64_t r) {
+    T* z = S + r * m;
+    for (int64_t j = 0; j < m; ++j) {
+      T s, ds, dds;
+      activate(act, b ? z[j] + b[j] : z[j], s, ds, dds);
+      z[j] = s;
+      if (D1) D1[r * m + j] = ds;
+      if (D2) D2[r * m + j] = dds;
+    }
+  });
+}
+
+// Column sums of rows x m, added to out in row order (fixed, so bitwise reproducible).
+template <class T>
+void add_column_sums(const T* A, int64_t rows, int64_t m, T* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < m; ++j) out[j] += A[r * m + j];
+}
+
+// Backward of one tile given its output gradients G_t [rows, k]: accumulates da, dW, db (beta = 0 on the first tile)
+// and writes dX_t. S holds sigma(Z) and D1 sigma'(Z) of the tile; D1 is overwritten with dZ.
+template <class T>
+void backward_tile(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, const T* S, T* D1, const T* G_t,
+                   bool first, T* dW, T* db, T* da, T* dX_t, T* dS, bool parallel) {
+  const int64_t m = net.m, d = net.d, k = net.k;
+  const T beta = first ? T(0) : T(1);
+  blas::gemm(Trans::Yes, Trans::No, k, m, rows, net.output_scale, G_t, k, S, m, beta, da, m);
+  blas::gemm(Trans::No, Trans::No, rows, m, k, net.output_scale, G_t, k, net.a_of(e), m, T(0), dS, m);
+  over_rows(rows, parallel, [&](int64_t r) {
+    for (int64_t j = 0; j < m; ++j) D1[r * m + j] *= dS[r * m + j];
+  });
+  blas::gemm(Trans::Yes, Trans::No, m, d, rows, net.input_scale, D1, m, X_t, d, beta, dW, d);
+  if (db) {
+    if (first) std::fill(db, db + m, T(0));
+    add_column_sums(D1, rows, m, db);
+  }
+  if (dX_t) blas::gemm(Trans::No, Trans::No, rows, d, m, net.input_scale, D1, m, net.W_of(e), d, T(0), dX_t, d);
+}
+
+template <class T>
+T loss_scale(Loss loss, int64_t rows, int64_t k) {
+  return loss == Loss::CrossEntropy ? T(1) / T(rows) : T(1) / (T(rows) * T(k));
+}
+
+// Loss rows of a tile: G_t and the tile's loss, summed in row order.
+template <class T>
+T loss_tile(Loss loss, const T* F_t, const T* Y_t, int64_t rows, int64_t k, T scale, T* G_t, T* row_loss,
+            bool parallel) {
+  over_rows(rows, parallel, [&](int64_t r) {
+    row_loss[r] = loss_row(loss, F_t + r * k, Y_t + r * k, k, scale, G_t + r * k);
+  });
+  T total = T(0);
+  for (int64_t r = 0; r < rows; ++r) total += row_loss[r];
+  return total;
+}
+
+// Forward + loss + backward of one member over rows [0, n) of net (a view, possibly of a mini-batch).
+template <class T>
+T member_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, int64_t e, T* dW, T* db, T* da, bool parallel) {
+  const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
+  std::vector<T> S(tile * m), D1(tile * m), dS(tile * m), F(tile * k), G(tile * k), row_loss(tile);
+  const T scale = loss_scale<T>(loss, n, k);
+  const T* X = net.X_of(e);
+  T total = T(0);
+  for (int64_t r0 = 0; r0 < n; r0 += tile) {
+    const int64_t rows = std::min(tile, n - r0);
+    hidden(net, e, X + r0 * d, rows, S.data(), D1.data(), static_cast<T*>(nullptr), parallel);
+    blas::gemm(Trans::No, Trans::Yes, rows, k, m, net.output_scale, S.data(), m, net.a_of(e), m, T(0), F.data(), k);
+    total += loss_tile(loss, F.data(), Y + r0 * k, rows, k, scale, G.data(), row_loss.data(), parallel);
+    backward_tile(net, e, X + r0 * d, rows, S.data(), D1.data(), G.data(), r0 == 0, dW, db, da,
+                  static_cast<T*>(nullptr), dS.data(), parallel);
+  }
+  if (n == 0) {
+    std::fill(dW, dW + m * d, T(0));
+    if (db) std::fill(db, db + m, T(0));
+    std::fill(da, da + k * m, T(0));
+  }
+  return total;
+}
+
+}  // namespace
+
+template <class T>
+void validate(const Net<T>& net) {
+  PHYSAI_REQUIRE(net.E >= 1, "ensemble: expected >= 1 member, got ", net.E);
+  PHYSAI_REQUIRE(net.n >= 0, "X: expected >= 0 rows, got ", net.n);
+  PHYSAI_REQUIRE(net.d >= 1, "d: expected >= 1, got ", net.d);
+  PHYSAI_REQUIRE(net.m >= 1, "m: expected width >= 1, got ", net.m);
+  PHYSAI_REQUIRE(net.k >= 1, "k: expected >= 1 outputs, got ", net.k);
+  PHYSAI_REQUIRE(std::isfinite(double(net.input_scale)) && std::isfinite(double(net.output_scale)),
+                 "scales: expected finite input_scale and output_scale");
+  PHYSAI_REQUIRE(int32_t(net.activation) >= 0 && int32_t(net.activation) <= int32_t(Activation::Softplus),
+                 "activation: unknown code ", int32_t(net.activation));
+}
+
+template <class T>
+void forward(const Net<T>& net, T* F) {
+  validate(net);
+  over_members(net.E, [&](int64_t e, bool parallel) {
+    const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
+    std::vector<T> S(tile * m);
+    for (int64_t r0 = 0; r0 < n; r0 += tile) {
+      const int64_t rows = std::min(tile, n - r0);
+      hidden(net, e, net.X_of(e) + r0 * d, rows, S.data(), static_cast<T*>(nullptr), static_cast<T*>(nullptr),
+             parallel);
+      blas::gemm(Trans::No, Trans::Yes, rows, k, m, net.output_scale, S.data(), m, net.a_of(e), m, T(0),
+                 F + (e * n + r0) * k, k);
+    }
+  });
+}
+
+template <class T>
+void backward(const Net<T>& net, const T* G, T* dW, T* db, T* da, T* dX) {
+  validate(net);
+  over_members(net.E, [&](int64_t e, bool parallel) {
+    const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
+    std::vector<T> S(tile * m), D1(tile * m), dS(tile * m);
+    T *dW_e = dW + e * m * d, *db_e = net.b ? db + e * m : nullptr, *da_e = da + e * k * m;
+    for (int64_t r0 = 0; r0 < n; r0 += tile) {
+      const int64_t rows = std::min(tile, n - r0);
+      const T* X_t = net.X_of(e) + r0 * d;
+      hidden(net, e, X_t, rows, S.data(), D1.data(), static_cast<T*>(nullptr), parallel);
+      backward_tile(net, e, X_t, rows, S.data(), D1.data(), G + (e * n + r0) * k, r0 == 0, dW_e, db_e, da_e,
+                    dX ? dX + (e * n + r0) * d : static_cast<T*>(nullptr), dS.data(), parallel);
+    }
+    if (n == 0) {
+      std::fill(dW_e, dW_e + m * d, T(0));
+      if (db_e) std::fill(db_e, db_e + m, T(0));
+      std::fill(da_e, da_e + k * m, T(0));
+    }
+  });
+}
+
+template <class T>
+void loss_and_grad(const Net<T>& net, const Targets<T>& targets, T* loss, T* dW, T* db, T* da) {
+  validate(net);
+  over_members(net.E, [&](int64_t e, bool parallel) {
+    const int64_t m = net.m, k = net.k, d = net.d;
+    loss[e] = member_loss_and_grad(net, targets.Y_of(e, net.n, k), targets.loss, e, dW + e * m * d,
+                                   net.b ? db + e * m : nullptr, da + e * k * m, parallel);
+  });
+}
+
+template <class T>
+HessianOperator<T>::HessianOperator(const Net<T>& net, const Targets<T>& targets) : net_(net), targets_(targets) {
+  validate(net);
+  const int64_t E = net.E, n = net.n, m = net.m, k = net.k;
+  S_.resize(E * n * m); D1_.resize(E * n * m); D2_.resize(E * n * m); dS_.resize(E * n * m);
+  F_.resize(E * n * k); G_.resize(E * n * k);
+  over_members(E, [&](int64_t e, bool parallel) {
+    T *S = S_.data() + e * n * m, *D1 = D1_.data() + e * n * m, *D2 = D2_.data() + e * n * m;
+    T *F = F_.data() + e * n * k, *G = G_.data() + e * n * k, *dS = dS_.data() + e * n * m;
+    hidden(net_, e, net_.X_of(e), n, S, D1, D2, parallel);
+    blas::gemm(Trans::No, Trans::Yes, n, k, m, net_.output_scale, S, m, net_.a_of(e), m, T(0), F, k);
+    std::vector<T> row_loss(n);
+    loss_tile(targets_.loss, F, targets_.Y_of(e, n, k), n, k, loss_scale<T>(targets_.loss, n, k), G,
+              row_loss.data(), parallel);
+    blas::gemm(Trans::No, Trans::No, n, m, k, net_.output_scale, G, k, net_.a_of(e), m, T(0), dS, m);
+  });
+}
+
+template <class T>
+void HessianOperator<T>::apply_member(int64_t e, const T* v, T* out, bool parallel) const {
+  const Net<T>& net = net_;
+  const int64_t n = net.n, m = net.m, k = net.k, d = net.d, tile = tile_rows<T>(n, m);
+  const bool bias = net.b != nullptr;
+  const T *vW = v, *vb = bias ? v + m * d : nullptr, *va = v + m * d + (bias ? m : 0);
+  T *oW = out, *ob = bias ? out + m * d : nullptr, *oa = out + m * d + (bias ? m : 0);
+  const T *S = S_.data() + e * n * m, *D1 = D1_.data() + e * n * m, *D2 = D2_.data() + e * n * m;
+  const T *F = F_.data() + e * n * k, *G = G_.data() + e * n * k, *dS = dS_.data() + e * n * m;
+  const T* Y = targets_.Y_of(e, n, k);
+  const T* X = net.X_of(e);
+  const T* a = net.a_of(e);
+  const T scale = loss_scale<T>(targets_.loss, n, k), os = net.output_scale;
+  std::vector<T> RZ(tile * m), RS(tile * m), RdZ(tile * m), RF(tile * k), RG(tile * k);
+  for (int64_t r0 = 0; r0 < n; r0 += tile) {
+    const int64_t rows = std::min(tile, n - r0);
+    const T beta = r0 == 0 ? T(0) : T(1);
+    const T *X_t = X + r0 * d, *S_t = S + r0 * m, *D1_t = D1 + r0 * m, *D2_t = D2 + r0 * m, *dS_t = dS + r0 * m;
+    const T *F_t = F + r0 * k, *G_t = G + r0 * k, *Y_t = Y + r0 * k;
+    // R{Z} = input_scale X vW^T + vb ; R{S} = sigma' R{Z}
+    blas::gemm(Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, vW, d, T(0), RZ.data(), m);
+    over_rows(rows, parallel, [&](int64_t r) {
+      for (int64_t j = 0; j < m; ++j) {
+        if (vb) RZ[r * m + j] += vb[j];
+        RS[r * m + j] = D1_t[r * m + j] * RZ[r * m + j];
+      }
+    });
+    // R{F} = os (R{S} a^T + S va^T) ; R{G} = H_f R{F}
+    blas::gemm(Trans::No, Trans::Yes, rows, k, m, os, RS.data(), m, a, m, T(0), RF.data(), k);
+    blas::gemm(Trans::No, Trans::Yes, rows, k, m, os, S_t, m, va, m, T(1), RF.data(), k);
+    over_rows(rows, parallel, [&](int64_t r) {
+      loss_row_hessian(targets_.loss, F_t + r * k, Y_t + r * k, k, scale, RF.data() + r * k, RG.data() + r * k);
+    });
+    // R{da} = os (R{G}^T S + G^T R{S})
+    blas::gemm(Trans::Yes, Trans::No, k, m, rows, os, RG.data(), k, S_t, m, beta, oa, m);
+    blas::gemm(Trans::Yes, Trans::No, k, m, rows, os, G_t, k, RS.data(), m, T(1), oa, m);
+    // R{dS} = os (R{G} a + G va) ; R{dZ} = R{dS} sigma' + dS sigma'' R{Z}
+    blas::gemm(Trans::No, Trans::No, rows, m, k, os, RG.data(), k, a, m, T(0), RdZ.data(), m);
+    blas::gemm(Trans::No, Trans::No, rows, m, k, os, G_t, k, va, m, T(1), RdZ.data(), m);
+    over_rows(rows, parallel, [&](int64_t r) {
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t i = r * m + j;
+        RdZ[i] = RdZ[i] * D1_t[i] + dS_t[i] * D2_t[i] * RZ[i];
+      }
+    });
+    // R{dW} = input_scale R{dZ}^T X ; R{db} = column sums of R{dZ}
+    blas::gemm(Trans::Yes, Trans::No, m, d, rows, net.input_scale, RdZ.data(), m, X_t, d, beta, oW, d);
+    if (ob) {
+      if (r0 == 0) std::fill(ob, ob + m, T(0));
+      add_column_sums(RdZ.data(), rows, m, ob);
+    }
+  }
+  if (n == 0) std::fill(out, out + net.params(), T(0));
+}
+
+template <class T>
+void HessianOperator<T>::apply(const T* V, T* out) const {
+  const int64_t P = net_.params();
+  over_members(net_.E, [&](int64_t e, bool parallel) { apply_member(e, V + e * P, out + e * P, parallel); });
+}
+
+template <class T>
+void train(Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const Schedule<T>& schedule, T* losses,
+           const StepHook<T>& hook, int64_t hook_every) {
+  validate(net);
+  PHYSAI_REQUIRE(schedule.steps >= 0, "steps: expected >= 0, got ", schedule.steps);
+  PHYSAI_REQUIRE(schedule.batch_size >= 0, "batch_size: expected >= 0, got ", schedule.batch_size);
+  const int64_t E = net.E, n = net.n, m = net.m, k = net.k, d = net.d;
+  const int64_t batch = schedule.batch_size > 0 ? std::min(schedule.batch_size, n) : n;
+  const int64_t blocks = batch > 0 ? (n + batch - 1) / batch : 1;
+  std::vector<T> dW(E * m * d), db(b ? E * m : 0), da(E * k * m);
+  for (int64_t step = 0; step < schedule.steps; ++step) {
+    const int64_t r0 = (step % blocks) * batch, rows = std::min(batch, n - r0);
+    if (hook && hook_every > 0 && step % hook_every == 0) hook(step, net);
+    over_members(E, [&](int64_t e, bool parallel) {
+      // The member's mini-batch as a one-member view: rows r0 .. r0+rows of its X and Y.
+      Net<T> view = net;
+      view.E = 1;
+      view.n = rows;
+      view.x_shared = true;
+      view.X = net.X_of(e) + r0 * d;
+      view.W = net.W_of(e);
+      view.b = net.b_of(e);
+      view.a = net.a_of(e);
+      const T* Y = targets.Y_of(e, n, k) + r0 * k;
+      T *gW = dW.data() + e * m * d, *gb = b ? db.data() + e * m : nullptr, *ga = da.data() + e * k * m;
+      losses[step * E + e] = member_loss_and_grad(view, Y, targets.loss, 0, gW, gb, ga, parallel);
+      const T lr = schedule.lr[e];
+      T *W_e = W + e * m * d, *a_e = a + e * k * m;
+      for (int64_t i = 0; i < m * d; ++i) W_e[i] -= lr * schedule.lr_W * gW[i];
+      if (b)
+        for (int64_t i = 0; i < m; ++i) b[e * m + i] -= lr * schedule.lr_b * gb[i];
+      for (int64_t i = 0; i < k * m; ++i) a_e[i] -= lr * schedule.lr_a * ga[i];
+    });
+  }
+}
+
+#define PHYSAI_TWOLAYER_INSTANTIATE(T)                                                                      \
+  template void validate<T>(const Net<T>&);                                                                 \
+  template void forward<T>(const Net<T>&, T*);                                                              \
+  template void backward<T>(const Net<T>&, const T*, T*, T*, T*, T*);                                       \
+  template void loss_and_grad<T>(const Net<T>&, const Targets<T>&, T*, T*, T*, T*);                         \
+  template class HessianOperator<T>;                                                                        \
+  template void train<T>(Net<T>&, T*, T*, T*, const Targets<T>&, const Schedule<T>&, T*, const StepHook<T>&, \
+                         int64_t);
+
+PHYSAI_TWOLAYER_INSTANTIATE(float)
+PHYSAI_TWOLAYER_INSTANTIATE(double)
+
+}  // namespace physai::twolayer

@@ -1,0 +1,99 @@
+// Fused two-layer network kernels for ensembles, CPU. For member e (all row-major):
+//   Z = input_scale * X W^T + b   [n, m]      S = sigma(Z)      F = output_scale * S a^T   [n, k]
+// with W [E, m, d], b [E, m] (optional), a [E, k, m], X [n, d] shared or [E, n, d], Y likewise [n, k] / [E, n, k].
+// The batch is cut into row tiles; for each tile the pre-activation GEMM, activation and derivatives, output GEMM,
+// loss and backward run back to back, and weight gradients accumulate over tiles in a fixed order (bitwise the same
+// for any thread count). Members run in parallel (BLAS single-threaded inside) when there are several; a single
+// member gets multithreaded BLAS and row-parallel elementwise work. numpy twin: physai/twolayer/reference.py.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "twolayer/math.hpp"
+
+namespace physai::twolayer {
+
+template <class T>
+struct Net {
+  int64_t E = 1, n = 0, d = 0, m = 0, k = 1;
+  const T* X = nullptr;
+  bool x_shared = true;
+  const T* W = nullptr;
+  const T* b = nullptr;  // null: no bias
+  const T* a = nullptr;
+  T input_scale = T(1), output_scale = T(1);
+  Activation activation = Activation::Relu;
+
+  const T* X_of(int64_t e) const { return x_shared ? X : X + e * n * d; }
+  const T* W_of(int64_t e) const { return W + e * m * d; }
+  const T* b_of(int64_t e) const { return b ? b + e * m : nullptr; }
+  const T* a_of(int64_t e) const { return a + e * k * m; }
+  // Parameters of one member, flattened as [W (m d), b (m, with bias), a (k m)].
+  int64_t params() const { return m * d + (b ? m : 0) + k * m; }
+};
+
+template <class T>
+struct Targets {
+  const T* Y = nullptr;
+  bool shared = true;
+  Loss loss = Loss::Mse;
+  const T* Y_of(int64_t e, int64_t n, int64_t k) const { return shared ? Y : Y + e * n * k; }
+};
+
+// Checks extents and scales (cheap re-check of the Python layer).
+template <class T>
+void validate(const Net<T>& net);
+
+// F [E, n, k]
+template <class T>
+void forward(const Net<T>& net, T* F);
+
+// Gradients of sum(F * G) for given output gradients G [E, n, k]: dW [E,m,d], db [E,m] (with bias), da [E,k,m],
+// dX (null to skip) shaped like X. With a shared X, dX [E, n, d] holds each member's part.
+template <class T>
+void backward(const Net<T>& net, const T* G, T* dW, T* db, T* da, T* dX);
+
+// Per-member mean loss [E] and its gradients, in one fused pass.
+template <class T>
+void loss_and_grad(const Net<T>& net, const Targets<T>& targets, T* loss, T* dW, T* db, T* da);
+
+// The Hessian of each member's full-batch loss, as an operator. Construction caches S, sigma', sigma'', the output
+// gradients and the backpropagated dS, so each apply() costs about one gradient (two GEMMs of the input size).
+// Vectors are flattened per member: V, out [E, P] with P = net.params().
+template <class T>
+class HessianOperator {
+ public:
+  HessianOperator(const Net<T>& net, const Targets<T>& targets);
+  void apply(const T* V, T* out) const;
+  void apply_member(int64_t e, const T* v, T* out, bool inner_parallel) const;
+  const Net<T>& net() const { return net_; }
+  int64_t params() const { return net_.params(); }
+
+ private:
+  Net<T> net_;
+  Targets<T> targets_;
+  std::vector<T> S_, D1_, D2_, F_, G_, dS_;  // each [E, n, m] or [E, n, k]
+};
+
+// Learning rates of a GD run: lr [E] per member, times a per-layer multiplier (the parameterization's).
+template <class T>
+struct Schedule {
+  const T* lr = nullptr;
+  T lr_W = T(1), lr_b = T(1), lr_a = T(1);
+  int64_t steps = 0;
+  int64_t batch_size = 0;  // 0: full batch; otherwise cyclic contiguous row blocks (the last block may be short)
+};
+
+// Called after the loss of `step` is recorded and before its update, with the parameters of that step.
+template <class T>
+using StepHook = std::function<void(int64_t step, const Net<T>& net)>;
+
+// Runs schedule.steps of gradient descent on all members, updating W, b, a in place (net's pointers, cast away
+// const by the caller's contract: they are the parameters being trained). losses [steps, E] receives the loss of
+// each step before its update. `hook` (may be empty) runs every `hook_every` steps (step % hook_every == 0).
+template <class T>
+void train(Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const Schedule<T>& schedule, T* losses,
+           const StepHook<T>& hook, int64_t hook_every);
+
+}  // namespace physai::twolayer

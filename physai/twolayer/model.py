@@ -1,0 +1,178 @@
+"""``TwoLayer``: an ensemble of two-layer networks with numpy parameters and fused native kernels."""
+from __future__ import annotations
+
+import numpy as np
+
+from physai import _core
+from physai._checks import check_array, check_choice, check_dtype, check_float, check_int, check_seed
+from physai.twolayer.params import ACTIVATIONS, LOSSES, PARAMETERIZATIONS, scaling
+
+
+class TwoLayer:
+    """E independent two-layer networks ``f(x) = output_scale * a . sigma(input_scale * W x + b)``.
+
+    Parameters
+    ----------
+    d, m, k : input dimension, width, outputs.
+    activation : one of ``relu, tanh, gelu, erf, quadratic, linear, softplus``.
+    param : ``standard``, ``ntk``, ``mean-field`` or ``mup`` (see ``physai.twolayer.params`` for the formulas of
+        init, multipliers and per-layer learning rates).
+    bias : whether the hidden layer has a bias (initialised to 0).
+    ensemble : number of members E.
+    dtype : float32 or float64.
+    seed : member e is initialised from ``numpy.random.default_rng([seed, e])``, so it does not depend on E.
+
+    Attributes
+    ----------
+    W [E, m, d], b [E, m] (or None), a [E, k, m] : numpy arrays of ``dtype``, C-contiguous, owned by the model;
+        assign new arrays of the same shape and dtype to set them.
+    scaling : the parameterization evaluated at (d, m).
+
+    Arrays passed to methods: X [n, d] (shared by the members) or [E, n, d]; Y [n, k] or [E, n, k] of the model's
+    dtype. Losses: ``mse`` (0.5 mean of squared errors over n k entries), ``logistic`` (labels +-1, mean over n k),
+    ``cross_entropy`` (Y rows are class distributions, mean over n).
+    """
+
+    def __init__(self, d: int, m: int, k: int = 1, activation: str = "relu", param: str = "standard",
+                 bias: bool = True, ensemble: int = 1, dtype=np.float32, seed: int = 0):
+        self.d = check_int(d, "d", min=1)
+        self.m = check_int(m, "m", min=1)
+        self.k = check_int(k, "k", min=1)
+        self.activation = check_choice(activation, "activation", ACTIVATIONS)
+        self.param = check_choice(param, "param", PARAMETERIZATIONS)
+        self.ensemble = check_int(ensemble, "ensemble", min=1)
+        self.dtype = check_dtype(dtype)
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError(f"bias: expected a bool, got {type(bias).__name__}")
+        self.scaling = scaling(self.param, self.d, self.m)
+        seed = check_seed(seed)
+        W, a = [], []
+        for e in range(self.ensemble):
+            rng = np.random.default_rng([seed, e])
+            W.append(rng.standard_normal((self.m, self.d)) * self.scaling.std_W)
+            a.append(rng.standard_normal((self.k, self.m)) * self.scaling.std_a)
+        self.W = np.ascontiguousarray(W, dtype=self.dtype)
+        self.a = np.ascontiguousarray(a, dtype=self.dtype)
+        self.b = np.zeros((self.ensemble, self.m), dtype=self.dtype) if bias else None
+
+    # -- plumbing -----------------------------------------------------------------------------------------------
+    @property
+    def _suffix(self) -> str:
+        return "f32" if self.dtype == np.float32 else "f64"
+
+    def _native(self, name: str):
+        return getattr(_core.twolayer, f"{name}_{self._suffix}")
+
+    @property
+    def config(self):
+        """The kernel configuration (scales and activation code) passed to ``physai._core.twolayer``."""
+        return _core.twolayer.Config(self.scaling.input_scale, self.scaling.output_scale,
+                                     ACTIVATIONS.index(self.activation))
+
+    @property
+    def num_params(self) -> int:
+        """Parameters per member P = m d + m (with bias) + k m, in the flattened order [W, b, a]."""
+        return self.m * self.d + (self.m if self.b is not None else 0) + self.k * self.m
+
+    def _check_params(self):
+        E, m, d, k = self.ensemble, self.m, self.d, self.k
+        check_array(self.W, "W", dtype=self.dtype, shape=(E, m, d))
+        check_array(self.a, "a", dtype=self.dtype, shape=(E, k, m))
+        if self.b is not None:
+            check_array(self.b, "b", dtype=self.dtype, shape=(E, m))
+
+    def _check_X(self, X) -> np.ndarray:
+        check_array(X, "X", dtype=self.dtype, ndim=(2, 3))
+        if X.ndim == 2:
+            check_array(X, "X", shape=(None, self.d))
+        else:
+            check_array(X, "X", shape=(self.ensemble, None, self.d))
+        return X
+
+    def _check_XY(self, X, Y, loss) -> tuple[np.ndarray, np.ndarray, int]:
+        X = self._check_X(X)
+        n = X.shape[-2]
+        check_array(Y, "Y", dtype=self.dtype, ndim=(2, 3))
+        check_array(Y, "Y", shape=(n, self.k) if Y.ndim == 2 else (self.ensemble, n, self.k))
+        return X, Y, LOSSES.index(check_choice(loss, "loss", LOSSES))
+
+    # -- kernels ------------------------------------------------------------------------------------------------
+    def forward(self, X: np.ndarray) -> np.ndarray:
+        """Outputs F [E, n, k]."""
+        self._check_params()
+        return self._native("forward")(self._check_X(X), self.W, self.b, self.a, self.config)
+
+    __call__ = forward
+
+    def loss_and_grad(self, X: np.ndarray, Y: np.ndarray, loss: str = "mse"):
+        """Per-member loss [E] and gradients ``(dW [E,m,d], db [E,m] or None, da [E,k,m])``, one fused pass."""
+        self._check_params()
+        X, Y, code = self._check_XY(X, Y, loss)
+        value, dW, db, da = self._native("loss_and_grad")(X, self.W, self.b, self.a, Y, self.config, code)
+        return value, (dW, db, da)
+
+    def hessian_operator(self, X: np.ndarray, Y: np.ndarray, loss: str = "mse"):
+        """The Hessian of each member's loss at the current parameters, as an operator with
+        ``matvec(V [E, P]) -> [E, P]`` (vectors flattened as [W, b, a], see ``flatten``). Building it caches the
+        activations and their derivatives, so each matvec costs about one gradient. It keeps references to X, Y and
+        the parameter arrays; changing them in place afterwards changes what it computes."""
+        self._check_params()
+        X, Y, code = self._check_XY(X, Y, loss)
+        return self._native("HessianOperator")(X, self.W, self.b, self.a, Y, self.config, code)
+
+    def hvp(self, X: np.ndarray, Y: np.ndarray, direction, loss: str = "mse"):
+        """Hessian-vector product for a direction ``(vW, vb, va)`` shaped like the parameters; returns the same
+        structure. For many products at fixed parameters use ``hessian_operator``."""
+        operator = self.hessian_operator(X, Y, loss)
+        return self.unflatten(operator.matvec(self.flatten(direction)))
+
+    def flatten(self, tensors) -> np.ndarray:
+        """(W-like, b-like or None, a-like) -> [E, P] in the model's dtype."""
+        W, b, a = tensors
+        parts = [np.asarray(W, self.dtype).reshape(self.ensemble, -1)]
+        if self.b is not None:
+            if b is None:
+                raise ValueError("direction: the model has a bias, so the direction needs a b part")
+            parts.append(np.asarray(b, self.dtype).reshape(self.ensemble, -1))
+        parts.append(np.asarray(a, self.dtype).reshape(self.ensemble, -1))
+        flat = np.concatenate(parts, axis=1)
+        if flat.shape[1] != self.num_params:
+            raise ValueError(f"direction: expected {self.num_params} values per member, got {flat.shape[1]}")
+        return np.ascontiguousarray(flat)
+
+    def unflatten(self, flat: np.ndarray):
+        """[E, P] -> (W-like, b-like or None, a-like)."""
+        E, m, d, k = self.ensemble, self.m, self.d, self.k
+        W = flat[:, :m * d].reshape(E, m, d)
+        b = flat[:, m * d:m * d + m] if self.b is not None else None
+        a = flat[:, flat.shape[1] - k * m:].reshape(E, k, m)
+        return W, b, a
+
+    def train(self, X: np.ndarray, Y: np.ndarray, lr, steps: int, loss: str = "mse", batch_size: int | None = None):
+        """Run ``steps`` of gradient descent in native code, updating W, b, a in place.
+
+        ``lr`` is a float or one rate per member [E] (a learning-rate sweep is an ensemble with one rate per member);
+        each layer's rate is further multiplied by the parameterization's (``scaling.lr_W`` etc.). ``batch_size``
+        None trains full-batch; otherwise step t uses rows [j B, (j+1) B) with j = t mod ceil(n / B) (shuffle X and Y
+        beforehand for SGD). Returns the loss of every step before its update, [steps, E].
+        """
+        self._check_params()
+        X, Y, code = self._check_XY(X, Y, loss)
+        steps = check_int(steps, "steps", min=0)
+        batch_size = 0 if batch_size is None else check_int(batch_size, "batch_size", min=1)
+        rates = np.ascontiguousarray(np.broadcast_to(np.asarray(lr, dtype=np.float64), (self.ensemble,)))
+        if rates.ndim != 1 or not np.all(np.isfinite(rates)) or np.any(rates < 0):
+            raise ValueError(f"lr: expected finite non-negative learning rates, got {lr!r}")
+        s = self.scaling
+        return self._native("train")(X, self.W, self.b, self.a, Y, self.config, code, rates.astype(self.dtype),
+                                     s.lr_W, s.lr_b, s.lr_a, steps, batch_size)
+
+    def reference_params(self):
+        """The parameters and configuration as ``physai.twolayer.reference.Params`` (views, not copies)."""
+        from physai.twolayer.reference import Params
+
+        return Params(self.W, self.b, self.a, self.scaling.input_scale, self.scaling.output_scale, self.activation)
+
+    def __repr__(self) -> str:
+        return (f"TwoLayer(d={self.d}, m={self.m}, k={self.k}, activation={self.activation!r}, param={self.param!r}, "
+                f"bias={self.b is not None}, ensemble={self.ensemble}, dtype={self.dtype.name})")
