@@ -14,22 +14,23 @@ using blas::Trans;
 namespace {
 
 // Rows per tile: Z, S and sigma' of a tile (3 m values per row) should stay within ~1 MiB of cache, but tiles shorter
-// than 128 rows make the weight-gradient GEMMs thin and re-read dW too often.
+// than 256 rows make the weight-gradient GEMMs thin and re-read dW too often.
 template <class T>
 int64_t tile_rows(int64_t n, int64_t m) {
   const int64_t fit = (int64_t(1) << 20) / (3 * std::max<int64_t>(m, 1) * int64_t(sizeof(T)));
-  return std::min(n, std::max<int64_t>(fit, 128));
+  return std::min(n, std::max<int64_t>(fit, 256));
 }
 
-// Several members: one per thread with single-threaded BLAS. One member: BLAS and elementwise loops get the threads.
+// BLAS always runs single-threaded: OpenBLAS's own threading changes the rounding of some shapes with the thread
+// count. Several members run one per thread; a single member splits its GEMMs into fixed blocks (gemm below) and
+// its elementwise loops into rows, so every value is computed the same way whatever the thread count.
 template <class Body>
 void over_members(int64_t E, Body&& body) {
   const int threads = num_threads();
+  blas::ThreadsScope scope(1);
   if (E > 1 && threads > 1) {
-    blas::ThreadsScope scope(1);
     parallel_for(E, [&](int64_t e) { body(e, false); });
   } else {
-    blas::ThreadsScope scope(threads);
     for (int64_t e = 0; e < E; ++e) body(e, threads > 1);
   }
 }
@@ -43,11 +44,33 @@ void over_rows(int64_t rows, bool parallel, Body&& body) {
   }
 }
 
+// C = alpha op(A) op(B) + beta C, always cut into blocks of kGemmBlock rows of C (or columns, when C is wide and
+// short) that run in parallel when `parallel`. The cut depends only on the shapes, so neither does any result.
+constexpr int64_t kGemmBlock = 64;
+
+template <class T>
+void gemm(bool parallel, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M >= N) {
+    over_rows((M + kGemmBlock - 1) / kGemmBlock, parallel, [&](int64_t block) {
+      const int64_t i0 = block * kGemmBlock, rows = std::min(kGemmBlock, M - i0);
+      const T* A_block = ta == Trans::No ? A + i0 * lda : A + i0;
+      blas::gemm(ta, tb, rows, N, K, alpha, A_block, lda, B, ldb, beta, C + i0 * ldc, ldc);
+    });
+  } else {
+    over_rows((N + kGemmBlock - 1) / kGemmBlock, parallel, [&](int64_t block) {
+      const int64_t j0 = block * kGemmBlock, cols = std::min(kGemmBlock, N - j0);
+      const T* B_block = tb == Trans::No ? B + j0 : B + j0 * ldb;
+      blas::gemm(ta, tb, M, cols, K, alpha, A, lda, B_block, ldb, beta, C + j0, ldc);
+    });
+  }
+}
+
 // Z = input_scale * X_t W^T + b, then S = sigma(Z) in place of Z; D1 = sigma'(Z) and D2 = sigma''(Z) when asked.
 template <class T>
 void hidden(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, T* S, T* D1, T* D2, bool parallel) {
   const int64_t m = net.m, d = net.d;
-  blas::gemm(Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, net.W_of(e), d, T(0), S, m);
+  gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, net.W_of(e), d, T(0), S, m);
   const T* b = net.b_of(e);
   const Activation act = net.activation;
   over_rows(rows, parallel, [&](int64_t r) {
@@ -76,17 +99,17 @@ void backward_tile(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, con
                    bool first, T* dW, T* db, T* da, T* dX_t, T* dS, bool parallel) {
   const int64_t m = net.m, d = net.d, k = net.k;
   const T beta = first ? T(0) : T(1);
-  blas::gemm(Trans::Yes, Trans::No, k, m, rows, net.output_scale, G_t, k, S, m, beta, da, m);
-  blas::gemm(Trans::No, Trans::No, rows, m, k, net.output_scale, G_t, k, net.a_of(e), m, T(0), dS, m);
+  gemm(parallel, Trans::Yes, Trans::No, k, m, rows, net.output_scale, G_t, k, S, m, beta, da, m);
+  gemm(parallel, Trans::No, Trans::No, rows, m, k, net.output_scale, G_t, k, net.a_of(e), m, T(0), dS, m);
   over_rows(rows, parallel, [&](int64_t r) {
     for (int64_t j = 0; j < m; ++j) D1[r * m + j] *= dS[r * m + j];
   });
-  blas::gemm(Trans::Yes, Trans::No, m, d, rows, net.input_scale, D1, m, X_t, d, beta, dW, d);
+  gemm(parallel, Trans::Yes, Trans::No, m, d, rows, net.input_scale, D1, m, X_t, d, beta, dW, d);
   if (db) {
     if (first) std::fill(db, db + m, T(0));
     add_column_sums(D1, rows, m, db);
   }
-  if (dX_t) blas::gemm(Trans::No, Trans::No, rows, d, m, net.input_scale, D1, m, net.W_of(e), d, T(0), dX_t, d);
+  if (dX_t) gemm(parallel, Trans::No, Trans::No, rows, d, m, net.input_scale, D1, m, net.W_of(e), d, T(0), dX_t, d);
 }
 
 template <class T>
@@ -117,7 +140,7 @@ T member_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, int64_t e, T* d
   for (int64_t r0 = 0; r0 < n; r0 += tile) {
     const int64_t rows = std::min(tile, n - r0);
     hidden(net, e, X + r0 * d, rows, S.data(), D1.data(), static_cast<T*>(nullptr), parallel);
-    blas::gemm(Trans::No, Trans::Yes, rows, k, m, net.output_scale, S.data(), m, net.a_of(e), m, T(0), F.data(), k);
+    gemm(parallel, Trans::No, Trans::Yes, rows, k, m, net.output_scale, S.data(), m, net.a_of(e), m, T(0), F.data(), k);
     total += loss_tile(loss, F.data(), Y + r0 * k, rows, k, scale, G.data(), row_loss.data(), parallel);
     backward_tile(net, e, X + r0 * d, rows, S.data(), D1.data(), G.data(), r0 == 0, dW, db, da,
                   static_cast<T*>(nullptr), dS.data(), parallel);
@@ -155,7 +178,7 @@ void forward(const Net<T>& net, T* F) {
       const int64_t rows = std::min(tile, n - r0);
       hidden(net, e, net.X_of(e) + r0 * d, rows, S.data(), static_cast<T*>(nullptr), static_cast<T*>(nullptr),
              parallel);
-      blas::gemm(Trans::No, Trans::Yes, rows, k, m, net.output_scale, S.data(), m, net.a_of(e), m, T(0),
+      gemm(parallel, Trans::No, Trans::Yes, rows, k, m, net.output_scale, S.data(), m, net.a_of(e), m, T(0),
                  F + (e * n + r0) * k, k);
     }
   });
@@ -203,11 +226,11 @@ HessianOperator<T>::HessianOperator(const Net<T>& net, const Targets<T>& targets
     T *S = S_.data() + e * n * m, *D1 = D1_.data() + e * n * m, *D2 = D2_.data() + e * n * m;
     T *F = F_.data() + e * n * k, *G = G_.data() + e * n * k, *dS = dS_.data() + e * n * m;
     hidden(net_, e, net_.X_of(e), n, S, D1, D2, parallel);
-    blas::gemm(Trans::No, Trans::Yes, n, k, m, net_.output_scale, S, m, net_.a_of(e), m, T(0), F, k);
+    gemm(parallel, Trans::No, Trans::Yes, n, k, m, net_.output_scale, S, m, net_.a_of(e), m, T(0), F, k);
     std::vector<T> row_loss(n);
     loss_tile(targets_.loss, F, targets_.Y_of(e, n, k), n, k, loss_scale<T>(targets_.loss, n, k), G,
               row_loss.data(), parallel);
-    blas::gemm(Trans::No, Trans::No, n, m, k, net_.output_scale, G, k, net_.a_of(e), m, T(0), dS, m);
+    gemm(parallel, Trans::No, Trans::No, n, m, k, net_.output_scale, G, k, net_.a_of(e), m, T(0), dS, m);
   });
 }
 
@@ -231,7 +254,7 @@ void HessianOperator<T>::apply_member(int64_t e, const T* v, T* out, bool parall
     const T *X_t = X + r0 * d, *S_t = S + r0 * m, *D1_t = D1 + r0 * m, *D2_t = D2 + r0 * m, *dS_t = dS + r0 * m;
     const T *F_t = F + r0 * k, *G_t = G + r0 * k, *Y_t = Y + r0 * k;
     // R{Z} = input_scale X vW^T + vb ; R{S} = sigma' R{Z}
-    blas::gemm(Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, vW, d, T(0), RZ.data(), m);
+    gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, vW, d, T(0), RZ.data(), m);
     over_rows(rows, parallel, [&](int64_t r) {
       for (int64_t j = 0; j < m; ++j) {
         if (vb) RZ[r * m + j] += vb[j];
@@ -239,17 +262,17 @@ void HessianOperator<T>::apply_member(int64_t e, const T* v, T* out, bool parall
       }
     });
     // R{F} = os (R{S} a^T + S va^T) ; R{G} = H_f R{F}
-    blas::gemm(Trans::No, Trans::Yes, rows, k, m, os, RS.data(), m, a, m, T(0), RF.data(), k);
-    blas::gemm(Trans::No, Trans::Yes, rows, k, m, os, S_t, m, va, m, T(1), RF.data(), k);
+    gemm(parallel, Trans::No, Trans::Yes, rows, k, m, os, RS.data(), m, a, m, T(0), RF.data(), k);
+    gemm(parallel, Trans::No, Trans::Yes, rows, k, m, os, S_t, m, va, m, T(1), RF.data(), k);
     over_rows(rows, parallel, [&](int64_t r) {
       loss_row_hessian(targets_.loss, F_t + r * k, Y_t + r * k, k, scale, RF.data() + r * k, RG.data() + r * k);
     });
     // R{da} = os (R{G}^T S + G^T R{S})
-    blas::gemm(Trans::Yes, Trans::No, k, m, rows, os, RG.data(), k, S_t, m, beta, oa, m);
-    blas::gemm(Trans::Yes, Trans::No, k, m, rows, os, G_t, k, RS.data(), m, T(1), oa, m);
+    gemm(parallel, Trans::Yes, Trans::No, k, m, rows, os, RG.data(), k, S_t, m, beta, oa, m);
+    gemm(parallel, Trans::Yes, Trans::No, k, m, rows, os, G_t, k, RS.data(), m, T(1), oa, m);
     // R{dS} = os (R{G} a + G va) ; R{dZ} = R{dS} sigma' + dS sigma'' R{Z}
-    blas::gemm(Trans::No, Trans::No, rows, m, k, os, RG.data(), k, a, m, T(0), RdZ.data(), m);
-    blas::gemm(Trans::No, Trans::No, rows, m, k, os, G_t, k, va, m, T(1), RdZ.data(), m);
+    gemm(parallel, Trans::No, Trans::No, rows, m, k, os, RG.data(), k, a, m, T(0), RdZ.data(), m);
+    gemm(parallel, Trans::No, Trans::No, rows, m, k, os, G_t, k, va, m, T(1), RdZ.data(), m);
     over_rows(rows, parallel, [&](int64_t r) {
       for (int64_t j = 0; j < m; ++j) {
         const int64_t i = r * m + j;
@@ -257,7 +280,7 @@ void HessianOperator<T>::apply_member(int64_t e, const T* v, T* out, bool parall
       }
     });
     // R{dW} = input_scale R{dZ}^T X ; R{db} = column sums of R{dZ}
-    blas::gemm(Trans::Yes, Trans::No, m, d, rows, net.input_scale, RdZ.data(), m, X_t, d, beta, oW, d);
+    gemm(parallel, Trans::Yes, Trans::No, m, d, rows, net.input_scale, RdZ.data(), m, X_t, d, beta, oW, d);
     if (ob) {
       if (r0 == 0) std::fill(ob, ob + m, T(0));
       add_column_sums(RdZ.data(), rows, m, ob);

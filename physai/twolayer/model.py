@@ -160,8 +160,11 @@ class TwoLayer:
         X, Y, code = self._check_XY(X, Y, loss)
         steps = check_int(steps, "steps", min=0)
         batch_size = 0 if batch_size is None else check_int(batch_size, "batch_size", min=1)
-        rates = np.ascontiguousarray(np.broadcast_to(np.asarray(lr, dtype=np.float64), (self.ensemble,)))
-        if rates.ndim != 1 or not np.all(np.isfinite(rates)) or np.any(rates < 0):
+        rates = np.asarray(lr, dtype=np.float64)
+        if rates.ndim > 1 or rates.size not in (1, self.ensemble):
+            raise ValueError(f"lr: expected a float or {self.ensemble} rates (one per member), got shape {rates.shape}")
+        rates = np.ascontiguousarray(np.broadcast_to(rates, (self.ensemble,)))
+        if not np.all(np.isfinite(rates)) or np.any(rates < 0):
             raise ValueError(f"lr: expected finite non-negative learning rates, got {lr!r}")
         s = self.scaling
         return self._native("train")(X, self.W, self.b, self.a, Y, self.config, code, rates.astype(self.dtype),
