@@ -4,7 +4,8 @@ The Hessian is that of the parameters' loss over the whole ``data``: either one 
 or an iterable of such batches (a DataLoader), whose HVPs are accumulated weighted by batch size, so the
 operator is the Hessian of the mean loss over the dataset (``loss_fn`` must return a per-batch mean).
 HVPs are forward-over-reverse: ``torch.func.jvp`` of ``torch.func.grad`` of the loss through
-``torch.func.functional_call``.
+``torch.func.functional_call``; where an op has no forward-mode derivative of its backward (torch 2.13's
+``mse_loss``), the operator switches once to reverse-over-reverse (``vjp`` of ``grad``), equal by symmetry.
 
 Model mode: the model is used in whatever mode the caller put it in (``model.train()`` or ``model.eval()``),
 and is never switched. PyHessian silently forces eval mode; here a model in train mode keeps dropout and
@@ -68,6 +69,7 @@ class HessianOperator:
         self.device = params[0].device
         self.batches = _batches(data)
         self.hvps = 0
+        self.forward_over_reverse = True
 
     def _unflatten(self, flat):
         return {name: chunk.view_as(self.params[name])
@@ -76,7 +78,7 @@ class HessianOperator:
     def hvp(self, v):
         """Hessian-vector product of a flat torch vector [P] (the mean loss over all of ``data``)."""
         torch = _torch()
-        from torch.func import functional_call, grad, jvp
+        from torch.func import functional_call
 
         tangents = self._unflatten(v)
         total, count = torch.zeros_like(v), 0
@@ -86,7 +88,7 @@ class HessianOperator:
             def loss(params):
                 return self.loss_fn(functional_call(self.model, params, (inputs,)), targets)
 
-            _, hv = jvp(grad(loss), (self.params,), (tangents,))
+            hv = self._batch_hvp(loss, tangents)
             size = len(inputs)
             total += size * torch.cat([hv[name].reshape(-1) for name in self.names])
             count += size
@@ -94,6 +96,18 @@ class HessianOperator:
             raise ValueError("data: expected at least one sample, got an empty dataset")
         self.hvps += 1
         return total / count
+
+    def _batch_hvp(self, loss, tangents):
+        from torch.func import grad, jvp, vjp
+
+        if self.forward_over_reverse:
+            try:
+                return jvp(grad(loss), (self.params,), (tangents,))[1]
+            except RuntimeError:
+                # Some torch ops lack a forward-mode derivative of their backward (torch 2.13: mse_loss raises
+                # "ZeroTensors are immutable"); the Hessian is symmetric, so reverse-over-reverse gives the same.
+                self.forward_over_reverse = False
+        return vjp(grad(loss), self.params)[1](tangents)[0]
 
     def matvec(self, V: np.ndarray) -> np.ndarray:
         """[1, P] numpy -> [1, P] numpy."""
