@@ -1,6 +1,104 @@
-// Bindings of csrc/spectrum/ (filled in by the spectrum work).
+// Bindings of csrc/spectrum/: the eigensolvers driven by a Python matvec callback. The GIL is released for
+// the solver and re-acquired only inside the callback.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
-namespace py = pybind11;
+#include <algorithm>
+#include <string>
 
-void bind_spectrum(py::module_& m) {}
+#include "bindings/arrays.hpp"
+#include "spectrum/eigensolvers.hpp"
+
+namespace py = pybind11;
+using physai::bind::checked_data;
+namespace sp = physai::spectrum;
+
+namespace {
+
+// Wraps a Python callable f(V: ndarray[batch, n]) -> ndarray[batch, n] of the same dtype as a C++ matvec.
+template <class T>
+auto python_matvec(const py::function& f, int64_t batch, int64_t n) {
+  return [&f, batch, n](const T* V, T* out) {
+    py::gil_scoped_acquire gil;
+    py::array_t<T> x({batch, n});
+    std::copy(V, V + batch * n, x.mutable_data());
+    py::object result = f(x);
+    if (!py::isinstance<py::array>(result))
+      physai::fail_type("matvec: expected the callback to return a numpy array, got ",
+                        std::string(py::str(py::type::of(result))));
+    const T* y = checked_data<T>(result.cast<py::array>(), "matvec result", {batch, n});
+    std::copy(y, y + batch * n, out);
+  };
+}
+
+sp::Options make_options(int64_t k, const std::string& which, double tol, int64_t max_matvecs, int64_t ncv,
+                         uint64_t seed) {
+  sp::Options opt;
+  opt.k = k;
+  if (which == "LA")
+    opt.which = sp::Which::LargestAlgebraic;
+  else if (which == "LM")
+    opt.which = sp::Which::LargestMagnitude;
+  else
+    physai::fail_value("which: expected 'LA' or 'LM', got '", which, "'");
+  opt.tol = tol;
+  opt.max_matvecs = max_matvecs;
+  opt.ncv = ncv;
+  opt.seed = seed;
+  return opt;
+}
+
+template <class T>
+py::tuple run(bool use_lanczos, const py::function& f, int64_t batch, int64_t n, int64_t k, const std::string& which,
+              double tol, int64_t max_matvecs, int64_t ncv, uint64_t seed, const py::object& v0) {
+  PHYSAI_REQUIRE(batch >= 1 && n >= 1, "batch and n must be >= 1, got batch=", batch, " n=", n);
+  const sp::Options opt = make_options(k, which, tol, max_matvecs, ncv, seed);
+  const T* start = nullptr;
+  py::array v0_array;
+  if (!v0.is_none()) {
+    v0_array = v0.cast<py::array>();
+    start = checked_data<T>(v0_array, "v0", {batch, n});
+  }
+  const int64_t kk = use_lanczos ? k : 1;
+  py::array_t<T> values({batch, kk}), vectors({batch, kk, n});
+  py::array_t<int64_t> matvecs(batch);
+  py::array_t<bool> converged(batch);
+  T* pv = values.mutable_data();
+  T* pw = vectors.mutable_data();
+  int64_t* pm = matvecs.mutable_data();
+  auto* pc = reinterpret_cast<uint8_t*>(converged.mutable_data());
+  auto mv = python_matvec<T>(f, batch, n);
+  {
+    py::gil_scoped_release release;
+    if (use_lanczos)
+      sp::lanczos<T>(mv, batch, n, opt, start, pv, pw, pm, pc);
+    else
+      sp::power_iteration<T>(mv, batch, n, opt, start, pv, pw, pm, pc);
+  }
+  return py::make_tuple(values, vectors, matvecs, converged);
+}
+
+template <class T>
+void bind_solvers(py::module_& m, const char* suffix) {
+  m.def((std::string("lanczos_") + suffix).c_str(),
+        [](const py::function& f, int64_t batch, int64_t n, int64_t k, const std::string& which, double tol,
+           int64_t max_matvecs, int64_t ncv, uint64_t seed, const py::object& v0) {
+          return run<T>(true, f, batch, n, k, which, tol, max_matvecs, ncv, seed, v0);
+        },
+        py::arg("matvec"), py::arg("batch"), py::arg("n"), py::arg("k"), py::arg("which"), py::arg("tol"),
+        py::arg("max_matvecs"), py::arg("ncv"), py::arg("seed"), py::arg("v0"),
+        "Thick-restart Lanczos; returns (values[batch,k], vectors[batch,k,n], matvecs[batch], converged[batch]).");
+  m.def((std::string("power_iteration_") + suffix).c_str(),
+        [](const py::function& f, int64_t batch, int64_t n, double tol, int64_t max_matvecs, uint64_t seed,
+           const py::object& v0) { return run<T>(false, f, batch, n, 1, "LM", tol, max_matvecs, 0, seed, v0); },
+        py::arg("matvec"), py::arg("batch"), py::arg("n"), py::arg("tol"), py::arg("max_matvecs"),
+        py::arg("seed"), py::arg("v0"),
+        "Power iteration; returns (values[batch,1], vectors[batch,1,n], matvecs[batch], converged[batch]).");
+}
+
+}  // namespace
+
+void bind_spectrum(py::module_& m) {
+  bind_solvers<float>(m, "f32");
+  bind_solvers<double>(m, "f64");
+}
