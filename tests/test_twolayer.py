@@ -124,7 +124,7 @@ def test_native_train_matches_reference_and_torch_loop():
     lr = np.array([0.05, 0.1, 0.2])
     start = net.reference_params()
     start = start._replace(W=start.W.copy(), b=start.b.copy(), a=start.a.copy())
-    losses = net.train(X, Y, lr, steps=100)
+    losses = net.train(X, Y, lr, steps=100).losses
     s = net.scaling
     ref_losses, final = R.train(start, X, Y, "mse", lr, (s.lr_W, s.lr_b, s.lr_a), 100)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-10)
@@ -150,7 +150,7 @@ def test_minibatch_train_matches_reference():
                                 per_member_y=True)
     start = net.reference_params()
     start = start._replace(W=start.W.copy(), b=start.b.copy(), a=start.a.copy())
-    losses = net.train(X, Y, 0.5, steps=12, loss="logistic", batch_size=10)
+    losses = net.train(X, Y, 0.5, steps=12, loss="logistic", batch_size=10).losses
     ref_losses, final = R.train(start, X, Y, "logistic", np.array([0.5, 0.5]), (1, 1, 1), 12, batch_size=10)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-10)
     np.testing.assert_allclose(net.W, final.W, rtol=1e-10)

@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <optional>
+#include <string>
 
 #include "bindings/arrays.hpp"
 #include "twolayer/kernels.hpp"
@@ -128,9 +129,53 @@ struct PyHessian {
   }
 };
 
+// Solver settings shared by hessian_eigs and sharpness tracking.
+struct EigOptions {
+  int64_t k;
+  std::string which;
+  double tol;
+  int64_t max_matvecs, ncv;
+  uint64_t seed;
+  bool lanczos;
+
+  physai::spectrum::Options native() const {
+    physai::spectrum::Options options;
+    options.k = k;
+    if (which != "LA" && which != "LM") physai::fail_value("which: expected 'LA' or 'LM', got '", which, "'");
+    options.which = which == "LA" ? physai::spectrum::Which::LargestAlgebraic : physai::spectrum::Which::LargestMagnitude;
+    options.tol = tol;
+    options.max_matvecs = max_matvecs;
+    options.ncv = ncv;
+    options.seed = seed;
+    return options;
+  }
+};
+
 template <class T>
-py::array_t<T> train(py::array X, py::array W, std::optional<py::array> b, py::array a, py::array Y, Config config,
-                     int loss, py::array lr, double lr_W, double lr_b, double lr_a, int64_t steps, int64_t batch_size) {
+py::tuple hessian_eigs(py::array X, py::array W, std::optional<py::array> b, py::array a, py::array Y, Config config,
+                       int loss, EigOptions eig, std::optional<py::array> v0) {
+  const auto net = make_net<T>(X, W, b, a, config);
+  const auto targets = make_targets(net, Y, loss);
+  const auto options = eig.native();
+  const int64_t P = net.params();
+  const T* start = v0 ? checked_data<T>(*v0, "v0", {net.E, P}) : nullptr;
+  py::array_t<T> values({net.E, options.k}), vectors({net.E, options.k, P});
+  py::array_t<int64_t> matvecs(net.E);
+  py::array_t<bool> converged(net.E);
+  T *vals = values.mutable_data(), *vecs = vectors.mutable_data();
+  int64_t* counts = matvecs.mutable_data();
+  auto* ok = reinterpret_cast<uint8_t*>(converged.mutable_data());
+  {
+    py::gil_scoped_release release;
+    tl::hessian_eigs(net, targets, options, eig.lanczos, start, vals, vecs, counts, ok);
+  }
+  return py::make_tuple(values, vectors, matvecs, converged);
+}
+
+template <class T>
+py::tuple train(py::array X, py::array W, std::optional<py::array> b, py::array a, py::array Y, Config config,
+                int loss, py::array lr, double lr_W, double lr_b, double lr_a, int64_t steps, int64_t batch_size,
+                int64_t track_every, EigOptions eig) {
   auto net = make_net<T>(X, W, b, a, config);
   const auto targets = make_targets(net, Y, loss);
   tl::Schedule<T> schedule;
@@ -139,13 +184,24 @@ py::array_t<T> train(py::array X, py::array W, std::optional<py::array> b, py::a
   schedule.steps = steps;
   schedule.batch_size = batch_size;
   if (steps < 0) physai::fail_value("steps: expected >= 0, got ", steps);
-  py::array_t<T> losses({steps, net.E});
+  if (track_every < 0) physai::fail_value("track_sharpness_every: expected >= 0, got ", track_every);
+  const int64_t tracks = track_every > 0 ? (steps + track_every - 1) / track_every : 0;
+  py::array_t<T> losses({steps, net.E}), sharpness({tracks, net.E});
+  py::array_t<int64_t> matvecs({tracks, net.E});
+  tl::Tracking<T> tracking;
+  tracking.every = track_every;
+  tracking.options = eig.native();
+  tracking.use_lanczos = eig.lanczos;
+  tracking.sharpness = sharpness.mutable_data();
+  tracking.matvecs = matvecs.mutable_data();
   T* out = losses.mutable_data();
   T *w = checked_data<T>(W, "W", {-1, -1, -1}), *bb = b ? checked_data<T>(*b, "b", {-1, -1}) : nullptr,
     *aa = checked_data<T>(a, "a", {-1, -1, -1});
-  py::gil_scoped_release release;
-  tl::train(net, w, bb, aa, targets, schedule, out, tl::StepHook<T>(), 0);
-  return losses;
+  {
+    py::gil_scoped_release release;
+    tl::train(net, w, bb, aa, targets, schedule, out, tracking);
+  }
+  return py::make_tuple(losses, sharpness, matvecs);
 }
 
 template <class T>
@@ -158,7 +214,9 @@ void bind_dtype(py::module_& m, const char* suffix) {
         py::arg("Y"), py::arg("config"), py::arg("loss"));
   m.def(("train_" + s).c_str(), &train<T>, py::arg("X"), py::arg("W"), py::arg("b"), py::arg("a"), py::arg("Y"),
         py::arg("config"), py::arg("loss"), py::arg("lr"), py::arg("lr_W"), py::arg("lr_b"), py::arg("lr_a"),
-        py::arg("steps"), py::arg("batch_size"));
+        py::arg("steps"), py::arg("batch_size"), py::arg("track_every"), py::arg("eig"));
+  m.def(("hessian_eigs_" + s).c_str(), &hessian_eigs<T>, py::arg("X"), py::arg("W"), py::arg("b"), py::arg("a"),
+        py::arg("Y"), py::arg("config"), py::arg("loss"), py::arg("eig"), py::arg("v0"));
   py::class_<PyHessian<T>>(m, ("HessianOperator_" + s).c_str())
       .def(py::init<py::array, py::array, std::optional<py::array>, py::array, py::array, Config, int>(),
            py::arg("X"), py::arg("W"), py::arg("b"), py::arg("a"), py::arg("Y"), py::arg("config"), py::arg("loss"))
@@ -171,6 +229,9 @@ void bind_dtype(py::module_& m, const char* suffix) {
 void bind_twolayer(py::module_& m) {
   py::class_<Config>(m, "Config")
       .def(py::init<double, double, int>(), py::arg("input_scale"), py::arg("output_scale"), py::arg("activation"));
+  py::class_<EigOptions>(m, "EigOptions")
+      .def(py::init<int64_t, std::string, double, int64_t, int64_t, uint64_t, bool>(), py::arg("k"), py::arg("which"),
+           py::arg("tol"), py::arg("max_matvecs"), py::arg("ncv"), py::arg("seed"), py::arg("lanczos"));
   bind_dtype<float>(m, "f32");
   bind_dtype<double>(m, "f64");
 }

@@ -66,22 +66,47 @@ void gemm(bool parallel, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T 
   }
 }
 
-// Z = input_scale * X_t W^T + b, then S = sigma(Z) in place of Z; D1 = sigma'(Z) and D2 = sigma''(Z) when asked.
+// S = sigma(Z + b) in place, D1 = sigma'(...), D2 = sigma''(...) (when non-null) for one row. The activation is a
+// template parameter so the loop has no branches and vectorises (AVX2/FMA clone where the CPU has it).
+template <Activation A, class T>
+__attribute__((target_clones("arch=haswell", "default")))
+void activate_row(int64_t m, T* z, const T* b, T* D1, T* D2) {
+  for (int64_t j = 0; j < m; ++j) {
+    T s, ds, dds;
+    activate(A, z[j] + b[j], s, ds, dds);
+    z[j] = s;
+    D1[j] = ds;
+    if (D2) D2[j] = dds;
+  }
+}
+
+template <class T>
+using RowActivation = void (*)(int64_t, T*, const T*, T*, T*);
+
+template <class T>
+RowActivation<T> row_activation(Activation act) {
+  switch (act) {
+    case Activation::Relu: return &activate_row<Activation::Relu, T>;
+    case Activation::Tanh: return &activate_row<Activation::Tanh, T>;
+    case Activation::Gelu: return &activate_row<Activation::Gelu, T>;
+    case Activation::Erf: return &activate_row<Activation::Erf, T>;
+    case Activation::Quadratic: return &activate_row<Activation::Quadratic, T>;
+    case Activation::Linear: return &activate_row<Activation::Linear, T>;
+    case Activation::Softplus: return &activate_row<Activation::Softplus, T>;
+  }
+  return nullptr;
+}
+
+// Z = input_scale * X_t W^T + b, then S = sigma(Z) in place of Z; D1 = sigma'(Z) and D2 = sigma''(Z) (if non-null).
 template <class T>
 void hidden(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, T* S, T* D1, T* D2, bool parallel) {
   const int64_t m = net.m, d = net.d;
   gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, net.W_of(e), d, T(0), S, m);
-  const T* b = net.b_of(e);
-  const Activation act = net.activation;
+  const std::vector<T> zeros(net.b ? 0 : m, T(0));
+  const T* b = net.b ? net.b_of(e) : zeros.data();
+  const RowActivation<T> activate_one = row_activation<T>(net.activation);
   over_rows(rows, parallel, [&](int64_t r) {
-    T* z = S + r * m;
-    for (int64_t j = 0; j < m; ++j) {
-      T s, ds, dds;
-      activate(act, b ? z[j] + b[j] : z[j], s, ds, dds);
-      z[j] = s;
-      if (D1) D1[r * m + j] = ds;
-      if (D2) D2[r * m + j] = dds;
-    }
+    activate_one(m, S + r * m, b, D1 + r * m, D2 ? D2 + r * m : nullptr);
   });
 }
 
@@ -173,11 +198,10 @@ void forward(const Net<T>& net, T* F) {
   validate(net);
   over_members(net.E, [&](int64_t e, bool parallel) {
     const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
-    std::vector<T> S(tile * m);
+    std::vector<T> S(tile * m), D1(tile * m);
     for (int64_t r0 = 0; r0 < n; r0 += tile) {
       const int64_t rows = std::min(tile, n - r0);
-      hidden(net, e, net.X_of(e) + r0 * d, rows, S.data(), static_cast<T*>(nullptr), static_cast<T*>(nullptr),
-             parallel);
+      hidden(net, e, net.X_of(e) + r0 * d, rows, S.data(), D1.data(), static_cast<T*>(nullptr), parallel);
       gemm(parallel, Trans::No, Trans::Yes, rows, k, m, net.output_scale, S.data(), m, net.a_of(e), m, T(0),
                  F + (e * n + r0) * k, k);
     }
@@ -221,15 +245,15 @@ HessianOperator<T>::HessianOperator(const Net<T>& net, const Targets<T>& targets
   validate(net);
   const int64_t E = net.E, n = net.n, m = net.m, k = net.k;
   S_.resize(E * n * m); D1_.resize(E * n * m); D2_.resize(E * n * m); dS_.resize(E * n * m);
-  F_.resize(E * n * k); G_.resize(E * n * k);
+  F_.resize(E * n * k); G_.resize(E * n * k); loss_.resize(E);
   over_members(E, [&](int64_t e, bool parallel) {
     T *S = S_.data() + e * n * m, *D1 = D1_.data() + e * n * m, *D2 = D2_.data() + e * n * m;
     T *F = F_.data() + e * n * k, *G = G_.data() + e * n * k, *dS = dS_.data() + e * n * m;
     hidden(net_, e, net_.X_of(e), n, S, D1, D2, parallel);
     gemm(parallel, Trans::No, Trans::Yes, n, k, m, net_.output_scale, S, m, net_.a_of(e), m, T(0), F, k);
     std::vector<T> row_loss(n);
-    loss_tile(targets_.loss, F, targets_.Y_of(e, n, k), n, k, loss_scale<T>(targets_.loss, n, k), G,
-              row_loss.data(), parallel);
+    loss_[e] = loss_tile(targets_.loss, F, targets_.Y_of(e, n, k), n, k, loss_scale<T>(targets_.loss, n, k), G,
+                         row_loss.data(), parallel);
     gemm(parallel, Trans::No, Trans::No, n, m, k, net_.output_scale, G, k, net_.a_of(e), m, T(0), dS, m);
   });
 }
@@ -296,18 +320,87 @@ void HessianOperator<T>::apply(const T* V, T* out) const {
 }
 
 template <class T>
-void train(Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const Schedule<T>& schedule, T* losses,
-           const StepHook<T>& hook, int64_t hook_every) {
+void HessianOperator<T>::loss_and_grad(T* loss, T* dW, T* db, T* da) const {
+  const Net<T>& net = net_;
+  const int64_t n = net.n, m = net.m, k = net.k, d = net.d;
+  over_members(net.E, [&](int64_t e, bool parallel) {
+    const T *S = S_.data() + e * n * m, *D1 = D1_.data() + e * n * m, *dS = dS_.data() + e * n * m;
+    const T* G = G_.data() + e * n * k;
+    std::vector<T> dZ(n * m);
+    over_rows(n, parallel, [&](int64_t r) {
+      for (int64_t j = 0; j < m; ++j) dZ[r * m + j] = dS[r * m + j] * D1[r * m + j];
+    });
+    loss[e] = loss_[e];
+    gemm(parallel, Trans::Yes, Trans::No, k, m, n, net.output_scale, G, k, S, m, T(0), da + e * k * m, m);
+    gemm(parallel, Trans::Yes, Trans::No, m, d, n, net.input_scale, dZ.data(), m, net.X_of(e), d, T(0),
+         dW + e * m * d, d);
+    if (net.b) {
+      std::fill(db + e * m, db + e * m + m, T(0));
+      add_column_sums(dZ.data(), n, m, db + e * m);
+    }
+  });
+}
+
+template <class T>
+void hessian_eigs(const Net<T>& net, const Targets<T>& targets, const spectrum::Options& options, bool use_lanczos,
+                  const T* v0, T* values, T* vectors, int64_t* matvecs, uint8_t* converged) {
+  const HessianOperator<T> op(net, targets);
+  auto matvec = [&op](const T* V, T* out) { op.apply(V, out); };
+  if (use_lanczos)
+    spectrum::lanczos<T>(matvec, net.E, net.params(), options, v0, values, vectors, matvecs, converged);
+  else
+    spectrum::power_iteration<T>(matvec, net.E, net.params(), options, v0, values, vectors, matvecs, converged);
+}
+
+template <class T>
+void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const Schedule<T>& schedule, T* losses,
+           const Tracking<T>& tracking) {
   validate(net);
   PHYSAI_REQUIRE(schedule.steps >= 0, "steps: expected >= 0, got ", schedule.steps);
   PHYSAI_REQUIRE(schedule.batch_size >= 0, "batch_size: expected >= 0, got ", schedule.batch_size);
-  const int64_t E = net.E, n = net.n, m = net.m, k = net.k, d = net.d;
+  PHYSAI_REQUIRE(tracking.every >= 0, "track_sharpness_every: expected >= 0, got ", tracking.every);
+  PHYSAI_REQUIRE(tracking.every == 0 || tracking.options.k == 1, "tracking: k must be 1");
+  const int64_t E = net.E, n = net.n, m = net.m, k = net.k, d = net.d, P = net.params();
   const int64_t batch = schedule.batch_size > 0 ? std::min(schedule.batch_size, n) : n;
   const int64_t blocks = batch > 0 ? (n + batch - 1) / batch : 1;
-  std::vector<T> dW(E * m * d), db(b ? E * m : 0), da(E * k * m);
+  std::vector<T> dW(E * m * d), db(b ? E * m : 0), da(E * k * m), step_loss(E);
+  std::vector<T> eigenvector(tracking.every > 0 ? E * P : 0), top(E);
+  std::vector<uint8_t> converged(E);
+  bool warm = false;
+
+  auto update = [&](int64_t e) {
+    const T lr = schedule.lr[e];
+    T *W_e = W + e * m * d, *a_e = a + e * k * m;
+    const T *gW = dW.data() + e * m * d, *ga = da.data() + e * k * m;
+    for (int64_t i = 0; i < m * d; ++i) W_e[i] -= lr * schedule.lr_W * gW[i];
+    if (b)
+      for (int64_t i = 0; i < m; ++i) b[e * m + i] -= lr * schedule.lr_b * db[e * m + i];
+    for (int64_t i = 0; i < k * m; ++i) a_e[i] -= lr * schedule.lr_a * ga[i];
+  };
+
   for (int64_t step = 0; step < schedule.steps; ++step) {
     const int64_t r0 = (step % blocks) * batch, rows = std::min(batch, n - r0);
-    if (hook && hook_every > 0 && step % hook_every == 0) hook(step, net);
+    if (tracking.every > 0 && step % tracking.every == 0) {
+      // The operator caches the full-batch forward pass; with full-batch training the step's gradient comes
+      // from the same caches, so tracking costs only the HVPs.
+      const HessianOperator<T> op(net, targets);
+      auto matvec = [&op](const T* V, T* out) { op.apply(V, out); };
+      const int64_t row = step / tracking.every;
+      T* v0 = warm ? eigenvector.data() : nullptr;
+      if (tracking.use_lanczos)
+        spectrum::lanczos<T>(matvec, E, P, tracking.options, v0, top.data(), eigenvector.data(),
+                             tracking.matvecs + row * E, converged.data());
+      else
+        spectrum::power_iteration<T>(matvec, E, P, tracking.options, v0, top.data(), eigenvector.data(),
+                                     tracking.matvecs + row * E, converged.data());
+      warm = true;
+      std::copy(top.begin(), top.end(), tracking.sharpness + row * E);
+      if (rows == n) {
+        op.loss_and_grad(losses + step * E, dW.data(), b ? db.data() : nullptr, da.data());
+        over_members(E, [&](int64_t e, bool) { update(e); });
+        continue;
+      }
+    }
     over_members(E, [&](int64_t e, bool parallel) {
       // The member's mini-batch as a one-member view: rows r0 .. r0+rows of its X and Y.
       Net<T> view = net;
@@ -319,14 +412,9 @@ void train(Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const Sched
       view.b = net.b_of(e);
       view.a = net.a_of(e);
       const T* Y = targets.Y_of(e, n, k) + r0 * k;
-      T *gW = dW.data() + e * m * d, *gb = b ? db.data() + e * m : nullptr, *ga = da.data() + e * k * m;
-      losses[step * E + e] = member_loss_and_grad(view, Y, targets.loss, 0, gW, gb, ga, parallel);
-      const T lr = schedule.lr[e];
-      T *W_e = W + e * m * d, *a_e = a + e * k * m;
-      for (int64_t i = 0; i < m * d; ++i) W_e[i] -= lr * schedule.lr_W * gW[i];
-      if (b)
-        for (int64_t i = 0; i < m; ++i) b[e * m + i] -= lr * schedule.lr_b * gb[i];
-      for (int64_t i = 0; i < k * m; ++i) a_e[i] -= lr * schedule.lr_a * ga[i];
+      losses[step * E + e] = member_loss_and_grad(view, Y, targets.loss, 0, dW.data() + e * m * d,
+                                                  b ? db.data() + e * m : nullptr, da.data() + e * k * m, parallel);
+      update(e);
     });
   }
 }
@@ -337,8 +425,9 @@ void train(Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const Sched
   template void backward<T>(const Net<T>&, const T*, T*, T*, T*, T*);                                       \
   template void loss_and_grad<T>(const Net<T>&, const Targets<T>&, T*, T*, T*, T*);                         \
   template class HessianOperator<T>;                                                                        \
-  template void train<T>(Net<T>&, T*, T*, T*, const Targets<T>&, const Schedule<T>&, T*, const StepHook<T>&, \
-                         int64_t);
+  template void hessian_eigs<T>(const Net<T>&, const Targets<T>&, const spectrum::Options&, bool, const T*, T*, T*, \
+                                int64_t*, uint8_t*);                                                        \
+  template void train<T>(const Net<T>&, T*, T*, T*, const Targets<T>&, const Schedule<T>&, T*, const Tracking<T>&);
 
 PHYSAI_TWOLAYER_INSTANTIATE(float)
 PHYSAI_TWOLAYER_INSTANTIATE(double)

@@ -7,9 +7,9 @@
 // member gets multithreaded BLAS and row-parallel elementwise work. numpy twin: physai/twolayer/reference.py.
 #pragma once
 #include <cstdint>
-#include <functional>
 #include <vector>
 
+#include "spectrum/eigensolvers.hpp"
 #include "twolayer/math.hpp"
 
 namespace physai::twolayer {
@@ -67,6 +67,8 @@ class HessianOperator {
   HessianOperator(const Net<T>& net, const Targets<T>& targets);
   void apply(const T* V, T* out) const;
   void apply_member(int64_t e, const T* v, T* out, bool inner_parallel) const;
+  // The loss [E] and gradients at the operator's parameters, from the cached quantities (one GEMM per member).
+  void loss_and_grad(T* loss, T* dW, T* db, T* da) const;
   const Net<T>& net() const { return net_; }
   int64_t params() const { return net_.params(); }
 
@@ -74,7 +76,14 @@ class HessianOperator {
   Net<T> net_;
   Targets<T> targets_;
   std::vector<T> S_, D1_, D2_, F_, G_, dS_;  // each [E, n, m] or [E, n, k]
+  std::vector<T> loss_;                      // [E]
 };
+
+// Top-k Hessian eigenpairs of each member (the sharpness is values[e, 0]) on the fused HVP, by Lanczos or power
+// iteration (k = 1) from csrc/spectrum; v0 [E, P] warm start or null. Outputs as in spectrum::lanczos.
+template <class T>
+void hessian_eigs(const Net<T>& net, const Targets<T>& targets, const spectrum::Options& options, bool use_lanczos,
+                  const T* v0, T* values, T* vectors, int64_t* matvecs, uint8_t* converged);
 
 // Learning rates of a GD run: lr [E] per member, times a per-layer multiplier (the parameterization's).
 template <class T>
@@ -85,15 +94,21 @@ struct Schedule {
   int64_t batch_size = 0;  // 0: full batch; otherwise cyclic contiguous row blocks (the last block may be short)
 };
 
-// Called after the loss of `step` is recorded and before its update, with the parameters of that step.
+// Sharpness tracking inside train: every `every` steps (0: never), the top Hessian eigenvalue of each member's
+// full-batch loss, warm-started from the previous top eigenvector. Outputs [ceil(steps / every), E].
 template <class T>
-using StepHook = std::function<void(int64_t step, const Net<T>& net)>;
+struct Tracking {
+  int64_t every = 0;
+  spectrum::Options options;
+  bool use_lanczos = true;
+  T* sharpness = nullptr;
+  int64_t* matvecs = nullptr;
+};
 
-// Runs schedule.steps of gradient descent on all members, updating W, b, a in place (net's pointers, cast away
-// const by the caller's contract: they are the parameters being trained). losses [steps, E] receives the loss of
-// each step before its update. `hook` (may be empty) runs every `hook_every` steps (step % hook_every == 0).
+// Runs schedule.steps of gradient descent on all members, updating W, b, a in place (the same memory as net's
+// parameter pointers). losses [steps, E] receives the loss of each step before its update.
 template <class T>
-void train(Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const Schedule<T>& schedule, T* losses,
-           const StepHook<T>& hook, int64_t hook_every);
+void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const Schedule<T>& schedule, T* losses,
+           const Tracking<T>& tracking);
 
 }  // namespace physai::twolayer

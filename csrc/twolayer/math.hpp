@@ -5,11 +5,23 @@
 #include <cstdint>
 
 #include "common/philox.hpp"  // PHYSAI_HD
+#if !defined(__CUDACC__)
+#include "common/fastmath.hpp"
+#endif
 
 namespace physai::twolayer {
 
 enum class Activation : int32_t { Relu = 0, Tanh, Gelu, Erf, Quadratic, Linear, Softplus };
 enum class Loss : int32_t { Mse = 0, Logistic, CrossEntropy };
+
+template <class T>
+PHYSAI_HD T tanh_of(T x) {
+#if defined(__CUDACC__)
+  return tanh(x);
+#else
+  return fastmath::tanh(x);
+#endif
+}
 
 // sigma(x), sigma'(x), sigma''(x). GELU is the tanh form 0.5 x (1 + tanh(c (x + 0.044715 x^3))), c = sqrt(2/pi).
 template <class T>
@@ -19,14 +31,14 @@ PHYSAI_HD void activate(Activation act, T x, T& s, T& ds, T& dds) {
       s = x > T(0) ? x : T(0); ds = x > T(0) ? T(1) : T(0); dds = T(0);
       return;
     case Activation::Tanh: {
-      const T t = std::tanh(x);
+      const T t = tanh_of(x);
       s = t; ds = T(1) - t * t; dds = T(-2) * t * ds;
       return;
     }
     case Activation::Gelu: {
       const T c = T(0.7978845608028654), a = T(0.044715);
       const T u = c * (x + a * x * x * x), du = c * (T(1) + T(3) * a * x * x), ddu = c * T(6) * a * x;
-      const T t = std::tanh(u), sech2 = T(1) - t * t, dt = sech2 * du;
+      const T t = tanh_of(u), sech2 = T(1) - t * t, dt = sech2 * du;
       const T ddt = T(-2) * t * dt * du + sech2 * ddu;
       s = T(0.5) * x * (T(1) + t);
       ds = T(0.5) * (T(1) + t) + T(0.5) * x * dt;

@@ -1,11 +1,35 @@
 """``TwoLayer``: an ensemble of two-layer networks with numpy parameters and fused native kernels."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from physai import _core
 from physai._checks import check_array, check_choice, check_dtype, check_float, check_int, check_seed
 from physai.twolayer.params import ACTIVATIONS, LOSSES, PARAMETERIZATIONS, scaling
+
+
+@dataclass
+class Trajectory:
+    """What ``TwoLayer.train`` returns: losses [steps, E]; sharpness [T, E] at sharpness_steps [T] with the
+    Hessian-vector products each estimate took, matvecs [T, E] (T = 0 when not tracked)."""
+
+    losses: np.ndarray
+    sharpness: np.ndarray
+    sharpness_steps: np.ndarray
+    matvecs: np.ndarray
+
+
+class HessianOperator:
+    """Each member's loss Hessian at fixed parameters: ``shape`` (E, P, P), ``dtype``, ``matvec(V [E, P])``."""
+
+    def __init__(self, native, shape, dtype):
+        self.native, self.shape, self.dtype = native, shape, dtype
+
+    def matvec(self, V: np.ndarray) -> np.ndarray:
+        V = check_array(np.ascontiguousarray(V, dtype=self.dtype), "V", shape=self.shape[:2])
+        return self.native.matvec(V)
 
 
 class TwoLayer:
@@ -111,20 +135,47 @@ class TwoLayer:
         value, dW, db, da = self._native("loss_and_grad")(X, self.W, self.b, self.a, Y, self.config, code)
         return value, (dW, db, da)
 
-    def hessian_operator(self, X: np.ndarray, Y: np.ndarray, loss: str = "mse"):
-        """The Hessian of each member's loss at the current parameters, as an operator with
-        ``matvec(V [E, P]) -> [E, P]`` (vectors flattened as [W, b, a], see ``flatten``). Building it caches the
-        activations and their derivatives, so each matvec costs about one gradient. It keeps references to X, Y and
-        the parameter arrays; changing them in place afterwards changes what it computes."""
+    def hessian_operator(self, X: np.ndarray, Y: np.ndarray, loss: str = "mse") -> "HessianOperator":
+        """The Hessian of each member's loss at the current parameters, as an operator (``shape`` (E, P, P),
+        ``dtype``, ``matvec(V [E, P]) -> [E, P]``, vectors flattened as [W, b, a], see ``flatten``) that
+        ``physai.spectrum.lanczos`` and friends accept. Building it caches the activations and their derivatives, so
+        each matvec costs about one gradient. It keeps references to X, Y and the parameter arrays; changing them in
+        place afterwards changes what it computes."""
         self._check_params()
         X, Y, code = self._check_XY(X, Y, loss)
-        return self._native("HessianOperator")(X, self.W, self.b, self.a, Y, self.config, code)
+        native = self._native("HessianOperator")(X, self.W, self.b, self.a, Y, self.config, code)
+        return HessianOperator(native, (self.ensemble, self.num_params, self.num_params), self.dtype)
+
+    def sharpness(self, X: np.ndarray, Y: np.ndarray, k: int = 1, method: str = "lanczos", loss: str = "mse",
+                  tol: float = 1e-6, max_iter: int = 1000, which: str = "LA", v0=None, seed: int = 0):
+        """Top-k eigenpairs of each member's loss Hessian (the sharpness is ``values[:, 0]``), computed natively by
+        Lanczos (``method="lanczos"``) or power iteration (``"power"``, k = 1, largest magnitude) on the fused HVP,
+        with no Python per product. ``v0`` [E, P] warm-starts from earlier eigenvectors. Returns a
+        ``physai.spectrum.EigenResult`` (values [E, k], vectors [E, k, P], matvecs [E], converged [E])."""
+        from physai.spectrum import EigenResult
+
+        self._check_params()
+        X, Y, code = self._check_XY(X, Y, loss)
+        options = self._eig_options(k, method, tol, max_iter, which, seed)
+        if v0 is not None:
+            v0 = check_array(np.ascontiguousarray(v0, dtype=self.dtype), "v0", shape=(self.ensemble, self.num_params))
+        return EigenResult(*self._native("hessian_eigs")(X, self.W, self.b, self.a, Y, self.config, code, options, v0))
+
+    def _eig_options(self, k, method, tol, max_iter, which, seed):
+        method = check_choice(method, "method", ("lanczos", "power"))
+        k = check_int(k, "k", min=1, max=self.num_params)
+        if method == "power" and k != 1:
+            raise ValueError(f"k: power iteration finds one eigenpair, got k={k}; use method='lanczos'")
+        which = check_choice(which, "which", ("LA", "LM"))
+        return _core.twolayer.EigOptions(k, which, check_float(tol, "tol", positive=True),
+                                         check_int(max_iter, "max_iter", min=k), 0, check_seed(seed),
+                                         method == "lanczos")
 
     def hvp(self, X: np.ndarray, Y: np.ndarray, direction, loss: str = "mse"):
         """Hessian-vector product for a direction ``(vW, vb, va)`` shaped like the parameters; returns the same
         structure. For many products at fixed parameters use ``hessian_operator``."""
         operator = self.hessian_operator(X, Y, loss)
-        return self.unflatten(operator.matvec(self.flatten(direction)))
+        return self.unflatten(operator.native.matvec(self.flatten(direction)))
 
     def flatten(self, tensors) -> np.ndarray:
         """(W-like, b-like or None, a-like) -> [E, P] in the model's dtype."""
@@ -148,13 +199,22 @@ class TwoLayer:
         a = flat[:, flat.shape[1] - k * m:].reshape(E, k, m)
         return W, b, a
 
-    def train(self, X: np.ndarray, Y: np.ndarray, lr, steps: int, loss: str = "mse", batch_size: int | None = None):
-        """Run ``steps`` of gradient descent in native code, updating W, b, a in place.
+    def train(self, X: np.ndarray, Y: np.ndarray, lr, steps: int, loss: str = "mse", batch_size: int | None = None,
+              track_sharpness_every: int | None = None, sharpness_tol: float = 1e-3, sharpness_method: str = "lanczos",
+              sharpness_max_iter: int = 100) -> "Trajectory":
+        """Run ``steps`` of gradient descent in native code (no Python per step), updating W, b, a in place.
 
         ``lr`` is a float or one rate per member [E] (a learning-rate sweep is an ensemble with one rate per member);
         each layer's rate is further multiplied by the parameterization's (``scaling.lr_W`` etc.). ``batch_size``
         None trains full-batch; otherwise step t uses rows [j B, (j+1) B) with j = t mod ceil(n / B) (shuffle X and Y
-        beforehand for SGD). Returns the loss of every step before its update, [steps, E].
+        beforehand for SGD).
+
+        ``track_sharpness_every=s`` records, every s steps and before that step's update, the top eigenvalue of each
+        member's full-batch loss Hessian, warm-started from the previous top eigenvector (a few HVPs per step), to
+        relative residual ``sharpness_tol``.
+
+        Returns a ``Trajectory``: losses [steps, E] (each step's loss before its update), and when tracking
+        sharpness [T, E], sharpness_steps [T], matvecs [T, E].
         """
         self._check_params()
         X, Y, code = self._check_XY(X, Y, loss)
@@ -166,9 +226,14 @@ class TwoLayer:
         rates = np.ascontiguousarray(np.broadcast_to(rates, (self.ensemble,)))
         if not np.all(np.isfinite(rates)) or np.any(rates < 0):
             raise ValueError(f"lr: expected finite non-negative learning rates, got {lr!r}")
+        every = 0 if track_sharpness_every is None else check_int(track_sharpness_every, "track_sharpness_every", min=1)
+        options = self._eig_options(1, sharpness_method, sharpness_tol, sharpness_max_iter, "LA", 0)
         s = self.scaling
-        return self._native("train")(X, self.W, self.b, self.a, Y, self.config, code, rates.astype(self.dtype),
-                                     s.lr_W, s.lr_b, s.lr_a, steps, batch_size)
+        losses, sharpness, matvecs = self._native("train")(X, self.W, self.b, self.a, Y, self.config, code,
+                                                           rates.astype(self.dtype), s.lr_W, s.lr_b, s.lr_a, steps,
+                                                           batch_size, every, options)
+        tracked_steps = np.arange(0, steps, every) if every else np.zeros(0, dtype=np.int64)
+        return Trajectory(losses, sharpness, tracked_steps, matvecs)
 
     def reference_params(self):
         """The parameters and configuration as ``physai.twolayer.reference.Params`` (views, not copies)."""
