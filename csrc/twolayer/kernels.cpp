@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "common/blas.hpp"
 #include "common/errors.hpp"
@@ -384,8 +385,23 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
       // The operator caches the full-batch forward pass; with full-batch training the step's gradient comes
       // from the same caches, so tracking costs only the HVPs.
       const HessianOperator<T> op(net, targets);
-      auto matvec = [&op](const T* V, T* out) { op.apply(V, out); };
+      std::vector<uint8_t> diverged(E);
+      for (int64_t e = 0; e < E; ++e) diverged[e] = !std::isfinite(double(op.loss(e)));
+      // Diverged members see the zero operator: their rows of V and of the product are zeroed.
+      auto matvec = [&](const T* V, T* out) {
+        std::vector<T> clean(V, V + E * P);
+        for (int64_t e = 0; e < E; ++e)
+          if (diverged[e]) std::fill(clean.begin() + e * P, clean.begin() + (e + 1) * P, T(0));
+        op.apply(clean.data(), out);
+        for (int64_t e = 0; e < E; ++e)
+          if (diverged[e]) std::fill(out + e * P, out + (e + 1) * P, T(0));
+      };
       const int64_t row = step / tracking.every;
+      if (warm)
+        for (int64_t e = 0; e < E; ++e)
+          if (diverged[e] || !std::all_of(eigenvector.begin() + e * P, eigenvector.begin() + (e + 1) * P,
+                                          [](T x) { return std::isfinite(double(x)); }))
+            std::fill(eigenvector.begin() + e * P, eigenvector.begin() + (e + 1) * P, T(1));
       T* v0 = warm ? eigenvector.data() : nullptr;
       if (tracking.use_lanczos)
         spectrum::lanczos<T>(matvec, E, P, tracking.options, v0, top.data(), eigenvector.data(),
@@ -394,7 +410,8 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
         spectrum::power_iteration<T>(matvec, E, P, tracking.options, v0, top.data(), eigenvector.data(),
                                      tracking.matvecs + row * E, converged.data());
       warm = true;
-      std::copy(top.begin(), top.end(), tracking.sharpness + row * E);
+      for (int64_t e = 0; e < E; ++e)
+        tracking.sharpness[row * E + e] = diverged[e] ? std::numeric_limits<T>::quiet_NaN() : top[e];
       if (rows == n) {
         op.loss_and_grad(losses + step * E, dW.data(), b ? db.data() : nullptr, da.data());
         over_members(E, [&](int64_t e, bool) { update(e); });

@@ -71,6 +71,7 @@ class HessianOperator {
   void loss_and_grad(T* loss, T* dW, T* db, T* da) const;
   const Net<T>& net() const { return net_; }
   int64_t params() const { return net_.params(); }
+  T loss(int64_t e) const { return loss_[e]; }
 
  private:
   Net<T> net_;
@@ -95,7 +96,8 @@ struct Schedule {
 };
 
 // Sharpness tracking inside train: every `every` steps (0: never), the top Hessian eigenvalue of each member's
-// full-batch loss, warm-started from the previous top eigenvector. Outputs [ceil(steps / every), E].
+// full-batch loss, warm-started from the previous top eigenvector. Outputs [ceil(steps / every), E]; a member whose
+// loss is no longer finite (diverged) gets NaN and costs no HVPs, so one divergent learning rate does not stop a sweep.
 template <class T>
 struct Tracking {
   int64_t every = 0;
