@@ -8,7 +8,7 @@ import sys
 
 
 # Each module adds its subcommand with add_parser(commands) and imports its heavy dependencies only when run.
-_COMMAND_MODULES = ("physai.lego.cli",)
+_COMMAND_MODULES = ("physai.lego.cli", "physai.experiments.eos")
 
 
 def _info(args: argparse.Namespace) -> int:

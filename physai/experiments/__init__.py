@@ -1,0 +1,1 @@
+"""Experiments built on the public API: ``eos`` (edge of stability)."""

@@ -1,0 +1,166 @@
+"""Edge of Stability (Cohen et al. 2021): full-batch gradient descent drives the sharpness (top eigenvalue of the
+training-loss Hessian) up until it reaches 2/lr, where it hovers while the loss keeps falling, non-monotonically.
+
+The experiment trains one two-layer tanh network per learning rate (one ensemble, identical initialisations, one
+native training run) on a synthetic regression task, and tracks the sharpness inside the native loop:
+
+    result = physai.experiments.eos.run(EosConfig(learning_rates=(0.35, 0.5)))
+    result.save_json("eos.json"); result.plot("eos.png")
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from physai._checks import check_float, check_int
+from physai.twolayer import TwoLayer
+
+
+@dataclass(frozen=True)
+class EosConfig:
+    """The task (inputs N(0, I_d), targets from a random tanh teacher of width ``teacher_width`` whose input
+    weights are scaled by ``teacher_scale``, standardised) and the student (two-layer tanh, standard
+    parameterization, MSE, full-batch GD)."""
+
+    learning_rates: tuple[float, ...] = (0.35, 0.4, 0.5, 0.6)
+    n: int = 500
+    d: int = 10
+    width: int = 32
+    teacher_width: int = 32
+    teacher_scale: float = 4.0
+    steps: int = 3000
+    track_every: int = 10
+    seed: int = 0
+    dtype: str = "float64"
+
+    def validated(self) -> "EosConfig":
+        if not self.learning_rates:
+            raise ValueError("learning_rates: expected at least one learning rate")
+        for lr in self.learning_rates:
+            check_float(lr, "learning_rates", positive=True)
+        for name in ("n", "d", "width", "teacher_width", "steps", "track_every"):
+            check_int(getattr(self, name), name, min=1)
+        check_float(self.teacher_scale, "teacher_scale", positive=True)
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype: expected 'float32' or 'float64', got {self.dtype!r}")
+        return self
+
+
+def make_task(config: EosConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs X [n, d] and standardised teacher targets Y [n, 1]."""
+    rng = np.random.default_rng(config.seed)
+    X = rng.standard_normal((config.n, config.d))
+    teacher = TwoLayer(config.d, config.teacher_width, 1, "tanh", dtype=np.float64, seed=config.seed + 1)
+    teacher.W *= config.teacher_scale
+    Y = teacher.forward(X)[0]
+    Y = (Y - Y.mean()) / Y.std()
+    return X.astype(config.dtype), Y.astype(config.dtype)
+
+
+@dataclass
+class EosResult:
+    """Trajectories of one run: losses [steps, L] and sharpness [T, L] at sharpness_steps [T], for the L
+    learning rates of ``config``."""
+
+    config: EosConfig
+    losses: np.ndarray
+    sharpness: np.ndarray
+    sharpness_steps: np.ndarray
+    matvecs: np.ndarray = field(repr=False)
+
+    def summary(self) -> list[dict]:
+        """Per learning rate: 2/lr, sharpness at start, maximum, and mean over the last quarter, loss at start
+        and end, and the mean number of Hessian-vector products per sharpness estimate."""
+        rows = []
+        quarter = len(self.sharpness_steps) * 3 // 4
+        for i, lr in enumerate(self.config.learning_rates):
+            s = self.sharpness[:, i]
+            rows.append({"lr": lr, "two_over_lr": 2 / lr, "sharpness_start": float(s[0]),
+                         "sharpness_max": float(np.nanmax(s)), "sharpness_last_quarter": float(np.mean(s[quarter:])),
+                         "loss_start": float(self.losses[0, i]), "loss_end": float(self.losses[-1, i]),
+                         "hvps_per_estimate": float(self.matvecs[:, i].mean())})
+        return rows
+
+    def to_dict(self) -> dict:
+        return {"config": asdict(self.config), "losses": self.losses.tolist(), "sharpness": self.sharpness.tolist(),
+                "sharpness_steps": self.sharpness_steps.tolist(), "summary": self.summary()}
+
+    def save_json(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f)
+
+    def plot(self, path) -> None:
+        """Loss (log scale) and sharpness against step, with 2/lr dashed, one colour per learning rate.
+        Needs matplotlib (``pip install physai[plot]``)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax_loss, ax_sharp) = plt.subplots(1, 2, figsize=(11, 4))
+        steps = np.arange(self.losses.shape[0])
+        for i, lr in enumerate(self.config.learning_rates):
+            color = f"C{i}"
+            ax_loss.plot(steps, self.losses[:, i], color=color, lw=1, label=f"lr={lr:g}")
+            ax_sharp.plot(self.sharpness_steps, self.sharpness[:, i], color=color, lw=1, label=f"lr={lr:g}")
+            ax_sharp.axhline(2 / lr, color=color, ls="--", lw=1)
+        ax_loss.set(xlabel="step", ylabel="training loss", yscale="log", title="full-batch GD")
+        ax_sharp.set(xlabel="step", ylabel="sharpness (top Hessian eigenvalue)", title="sharpness; dashed: 2/lr")
+        ax_loss.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def run(config: EosConfig = EosConfig()) -> EosResult:
+    """Train the ensemble (one member per learning rate, same initialisation) with sharpness tracked natively."""
+    config = config.validated()
+    X, Y = make_task(config)
+    L = len(config.learning_rates)
+    net = TwoLayer(config.d, config.width, 1, "tanh", "standard", ensemble=L, dtype=config.dtype, seed=config.seed)
+    net.W[:] = net.W[0]
+    net.a[:] = net.a[0]
+    trajectory = net.train(X, Y, np.array(config.learning_rates), config.steps,
+                           track_sharpness_every=config.track_every)
+    return EosResult(config, trajectory.losses, trajectory.sharpness, trajectory.sharpness_steps, trajectory.matvecs)
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("eos", help="edge-of-stability experiment",
+                                 description="Full-batch GD on a two-layer tanh net: sharpness rises to 2/lr.")
+    parser.add_argument("--lr", type=float, nargs="+", default=list(EosConfig.learning_rates))
+    parser.add_argument("--steps", type=int, default=EosConfig.steps)
+    parser.add_argument("--track-every", type=int, default=EosConfig.track_every)
+    parser.add_argument("--width", type=int, default=EosConfig.width)
+    parser.add_argument("--n", type=int, default=EosConfig.n)
+    parser.add_argument("--seed", type=int, default=EosConfig.seed)
+    parser.add_argument("--json", default="eos.json", help="where to write the trajectories")
+    parser.add_argument("--plot", default="eos.png", help="where to write the figure ('' to skip)")
+    parser.set_defaults(run=_main)
+
+
+def _main(args) -> int:
+    import time
+
+    config = EosConfig(learning_rates=tuple(args.lr), steps=args.steps, track_every=args.track_every,
+                       width=args.width, n=args.n, seed=args.seed)
+    start = time.perf_counter()
+    result = run(config)
+    elapsed = time.perf_counter() - start
+    print(f"{len(config.learning_rates)} learning rates x {config.steps} steps, sharpness every {config.track_every} "
+          f"steps: {elapsed:.2f} s")
+    print(f"{'lr':>6} {'2/lr':>7} {'sharp@0':>8} {'max':>7} {'last 1/4':>9} {'loss@0':>8} {'loss@end':>9}")
+    for row in result.summary():
+        print(f"{row['lr']:>6g} {row['two_over_lr']:>7.3f} {row['sharpness_start']:>8.3f} {row['sharpness_max']:>7.3f} "
+              f"{row['sharpness_last_quarter']:>9.3f} {row['loss_start']:>8.4f} {row['loss_end']:>9.5f}")
+    result.save_json(args.json)
+    print(f"trajectories: {args.json}")
+    if args.plot:
+        try:
+            result.plot(args.plot)
+            print(f"figure: {args.plot}")
+        except ImportError:
+            print("matplotlib is not installed (pip install physai[plot]); no figure written")
+    return 0

@@ -1,0 +1,56 @@
+"""The edge-of-stability experiment: sharpness settles at 2/lr while the loss keeps falling."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from physai.experiments.eos import EosConfig, run
+
+SMALL = EosConfig(learning_rates=(0.5, 0.6), steps=3000, track_every=10)
+
+
+def check_edge_of_stability(result):
+    at_edge = 0
+    quarter = len(result.sharpness_steps) * 3 // 4
+    for i, lr in enumerate(result.config.learning_rates):
+        last = result.sharpness[quarter:, i]
+        losses = result.losses[:, i]
+        within = np.all(np.abs(last - 2 / lr) <= 0.15 * (2 / lr))
+        falling = losses[-len(losses) // 4:].mean() < losses[:len(losses) // 4].mean() and losses[-1] < losses[0]
+        at_edge += bool(within and falling)
+    return at_edge
+
+
+def test_sharpness_settles_at_two_over_lr_small_config():
+    result = run(SMALL)
+    # progressive sharpening: the sharpness starts below 2/lr and rises to it
+    assert (result.sharpness[0] < 0.95 * 2 / np.array(SMALL.learning_rates)).all()
+    assert check_edge_of_stability(result) >= 2
+
+
+@pytest.mark.slow
+def test_sharpness_settles_at_two_over_lr_full_config():
+    result = run(EosConfig(learning_rates=(0.4, 0.5, 0.6), steps=6000, track_every=5))
+    assert check_edge_of_stability(result) >= 3
+
+
+def test_cli_writes_json_and_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = subprocess.run([sys.executable, "-m", "physai", "eos", "--lr", "0.5", "--steps", "400", "--track-every", "20",
+                          "--json", str(tmp_path / "eos.json"), "--plot", str(tmp_path / "eos.png")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "2/lr" in out
+    data = json.loads((tmp_path / "eos.json").read_text())
+    assert len(data["losses"]) == 400 and len(data["sharpness_steps"]) == 20
+    assert (tmp_path / "eos.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="learning_rates"):
+        run(EosConfig(learning_rates=()))
+    with pytest.raises(ValueError, match="learning_rates"):
+        run(EosConfig(learning_rates=(-0.1,)))
+    with pytest.raises(ValueError, match="steps"):
+        run(EosConfig(steps=0))
