@@ -34,6 +34,15 @@ def dense_hessian(model, loss_fn, X, y):
 mse = torch.nn.functional.mse_loss
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """These models are tiny: torch's intra-op threads only add barrier overhead (severe on a loaded machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def squared_error(output, target):
     """The same loss as mse, written with ops that support forward-over-reverse."""
     return ((output - target) ** 2).mean()
