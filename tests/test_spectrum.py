@@ -214,3 +214,18 @@ def test_lanczos_any_small_problem(n, k, batch, which, seed):
     result = lanczos(DenseOperator(A), k=k, which=which, tol=1e-9, max_iter=2000, seed=seed)
     assert result.converged.all()
     np.testing.assert_allclose(result.values, dense_top(A, k, which)[0], rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(tol=st.floats(allow_nan=True, allow_infinity=True), max_iter=st.integers(-3, 3),
+       seed=st.integers(-5, 2**64 + 5))
+def test_power_iteration_argument_boundaries(tol, max_iter, seed):
+    op = DenseOperator(np.diag([3.0, 1.0, 0.5]))
+    valid = np.isfinite(tol) and tol > 0 and max_iter >= 1 and 0 <= seed < 2**64
+    if not valid:
+        with pytest.raises(ValueError):
+            power_iteration(op, tol=tol, max_iter=max_iter, seed=seed)
+        return
+    result = power_iteration(op, tol=tol, max_iter=max_iter, seed=seed)
+    assert result.matvecs[0] <= max_iter
+    assert abs(result.values[0, 0]) <= 3.0 + 1e-12

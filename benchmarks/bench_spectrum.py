@@ -1,0 +1,76 @@
+"""Top Hessian eigenvalue of a two-layer net (n=2048 samples, d=64 inputs, m=256 hidden, fp32).
+
+Baseline: PyHessian's algorithm (Yao et al. 2020, pyhessian/hessian.py `eigenvalues`): one backward with
+create_graph=True, then power iteration with double-backward HVPs on the retained graph, stopping when the
+eigenvalue changes by less than 1e-3 relative. Subject: physai Lanczos via torch_model.hessian_eigs (residual
+tol 1e-4, HVPs through torch.func). Phase 2 adds the native fused two-layer HVP as a third subject.
+"""
+import numpy as np
+import pytest
+
+N, D, M = 2048, 64, 256
+
+RATIOS = [
+    ("sharpness two-layer n=2048 d=64 m=256 fp32: PyHessian power / physai Lanczos (torch.func HVP)",
+     "test_sharpness_pyhessian_power", "test_sharpness_physai_lanczos", 10.0),
+]
+
+
+@pytest.fixture(scope="module")
+def problem(torch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D, M), torch.nn.Tanh(), torch.nn.Linear(M, 1))
+    X = torch.randn(N, D)
+    y = torch.randn(N, 1)
+
+    def loss_fn(output, target):
+        return 0.5 * ((output - target) ** 2).mean()
+
+    return model, loss_fn, X, y
+
+
+def pyhessian_top_eigenvalue(torch, model, loss_fn, X, y, tol=1e-3, max_iter=100):
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = loss_fn(model(X), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    v = [torch.randn_like(p) for p in params]
+    norm = torch.sqrt(sum((x * x).sum() for x in v))
+    v = [x / norm for x in v]
+    eigenvalue = None
+    for _ in range(max_iter):
+        Hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+        current = sum((h * x).sum() for h, x in zip(Hv, v)).item()
+        norm = torch.sqrt(sum((h * h).sum() for h in Hv))
+        v = [h / norm for h in Hv]
+        if eigenvalue is not None and abs(eigenvalue - current) / (abs(eigenvalue) + 1e-6) < tol:
+            return current
+        eigenvalue = current
+    return eigenvalue
+
+
+@pytest.fixture(scope="module")
+def exact_top(torch, problem):
+    from physai.spectrum import hessian_eigs
+
+    model, loss_fn, X, y = problem
+    import copy
+
+    model64 = copy.deepcopy(model).double()
+    return float(hessian_eigs(model64, loss_fn, (X.double(), y.double()), tol=1e-10, max_iter=2000).values[0, 0])
+
+
+def test_sharpness_pyhessian_power(benchmark, torch, problem, exact_top):
+    model, loss_fn, X, y = problem
+    value = benchmark(pyhessian_top_eigenvalue, torch, model, loss_fn, X, y)
+    benchmark.extra_info["relative_error"] = abs(value - exact_top) / abs(exact_top)
+
+
+def test_sharpness_physai_lanczos(benchmark, torch, problem, exact_top):
+    from physai.spectrum import hessian_eigs
+
+    model, loss_fn, X, y = problem
+    result = benchmark(hessian_eigs, model, loss_fn, (X, y), tol=1e-4, max_iter=500)
+    error = abs(float(result.values[0, 0]) - exact_top) / abs(exact_top)
+    benchmark.extra_info["relative_error"] = error
+    benchmark.extra_info["hvps"] = int(result.matvecs[0])
+    assert result.converged.all() and error < 1e-4
