@@ -138,3 +138,19 @@ def test_bad_tracking_arguments():
         net.train(X, Y, 0.1, 10, track_sharpness_every=0)
     with pytest.raises(ValueError, match="tol"):
         net.train(X, Y, 0.1, 10, track_sharpness_every=2, sharpness_tol=0)
+
+
+def test_torch_tools_dispatch_to_the_fused_hvp_for_the_two_layer_module():
+    torch = pytest.importorskip("torch")
+    from physai.spectrum import hessian_eigs
+    from physai.twolayer.torch import TwoLayerModule
+
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(4, 12, dtype=torch.float64), torch.nn.Linear(12, 1, bias=False, dtype=torch.float64)
+    X, Y = torch.randn(50, 4, dtype=torch.float64), torch.randn(50, 1, dtype=torch.float64)
+    mlp = torch.nn.Sequential(first, torch.nn.Tanh(), second)
+    generic = hessian_eigs(mlp, lambda out, y: 0.5 * ((out - y) ** 2).mean(), (X, Y), k=2, tol=1e-10)
+    fused = hessian_eigs(TwoLayerModule.from_linear(first, second, "tanh"), "mse", (X, Y), k=2, tol=1e-10)
+    np.testing.assert_allclose(fused.values, generic.values, rtol=1e-8)
+    with pytest.raises(TypeError, match="loss_fn"):
+        hessian_eigs(TwoLayerModule.from_linear(first, second, "tanh"), torch.nn.functional.mse_loss, (X, Y))

@@ -116,15 +116,42 @@ class HessianOperator:
         return self.hvp(v).detach().cpu().numpy()[None]
 
 
+def _fused_two_layer(model, loss_fn, data):
+    """(X, Y) when ``model`` is physai's TwoLayerModule and ``loss_fn`` names one of its fused losses: then the
+    native fused HVP serves the solver. A TwoLayerModule with a torch loss callable is refused (its autograd
+    Function has no torch.func rules)."""
+    if "physai.twolayer.torch" not in __import__("sys").modules:
+        return None
+    from physai.twolayer.params import LOSSES
+    from physai.twolayer.torch import TwoLayerModule
+
+    if not isinstance(model, TwoLayerModule):
+        return None
+    if not isinstance(loss_fn, str) or loss_fn not in LOSSES:
+        raise TypeError(f"loss_fn: for a TwoLayerModule pass the name of a fused loss {LOSSES}, got {loss_fn!r}")
+    batches = _batches(data)
+    if not isinstance(batches, list) or len(batches) != 1:
+        raise ValueError("data: the fused two-layer path takes the full batch as one (X, Y) pair")
+    return batches[0]
+
+
 def hessian_eigs(model, loss_fn, data, k: int = 1, method: str = "lanczos", which: str = "LA", tol: float = 1e-6,
                  max_iter: int = 1000, v0=None, seed: int = 0, progress_bar: bool = False) -> EigenResult:
     """Top-k Hessian eigenpairs of a torch model's mean loss over ``data``.
+
+    For physai's ``TwoLayerModule`` with ``loss_fn`` a fused loss name ("mse", "logistic", "cross_entropy"),
+    the native fused HVP is used instead of torch.func (full batch).
 
     data: (inputs, targets) tensors or an iterable of such batches. method: "lanczos" or "power" (power:
     k=1, dominant by magnitude). Returns an :class:`EigenResult` with values [1, k], vectors [1, k, P]
     (flattened over the trainable parameters in ``named_parameters`` order) and the HVP count in ``matvecs``.
     """
     method = check_choice(method, "method", ("lanczos", "power"))
+    fused = _fused_two_layer(model, loss_fn, data)
+    if fused is not None:
+        X, Y = fused
+        return model.hessian_eigs(X, Y, loss=loss_fn, k=k, method=method, which=which, tol=tol, max_iter=max_iter,
+                                  v0=v0, seed=seed)
     op = HessianOperator(model, loss_fn, data, progress_bar=progress_bar)
     k = check_int(k, "k", min=1)
     if k > op.n:

@@ -212,6 +212,24 @@ class TwoLayerModule(torch.nn.Module):
     def loss(self, X: torch.Tensor, Y: torch.Tensor, loss: str = "mse") -> torch.Tensor:
         return two_layer_loss(X, Y, self.W, self.b, self.a, loss=loss, **self._kwargs())
 
+    def hessian_eigs(self, X: torch.Tensor, Y: torch.Tensor, loss: str = "mse", **options):
+        """Top Hessian eigenpairs of the fused loss on (X, Y) by the native solvers on the fused HVP (no torch in
+        the loop): ``physai.twolayer.TwoLayer.sharpness`` options (k, method, tol, max_iter, which, v0, seed).
+        Returns an ``EigenResult`` with a leading member axis (1 for a single network); vectors are flattened in
+        ``named_parameters`` order (W, b, a)."""
+        from physai.twolayer.model import TwoLayer
+
+        single = self.W.dim() == 2
+        up = (lambda t: t.unsqueeze(0)) if single else (lambda t: t)
+        dtype = np.float32 if self.W.dtype == torch.float32 else np.float64
+        net = TwoLayer.__new__(TwoLayer)
+        net.d, net.m, net.k = self.W.shape[-1], self.W.shape[-2], self.a.shape[-2]
+        net.activation, net.param, net.scaling, net.dtype = self.activation, self.param, self.scaling, np.dtype(dtype)
+        net.ensemble = 1 if single else self.W.shape[0]
+        net.W, net.a = _view(up(self.W), "W"), _view(up(self.a), "a")
+        net.b = None if self.b is None else _view(up(self.b), "b")
+        return net.sharpness(_view(X, "X"), _view(Y, "Y"), loss=loss, **options)
+
     def extra_repr(self) -> str:
         E = "" if self.W.dim() == 2 else f", ensemble={self.W.shape[0]}"
         return (f"d={self.W.shape[-1]}, m={self.W.shape[-2]}, k={self.a.shape[-2]}, activation={self.activation!r}, "
