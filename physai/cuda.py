@@ -60,6 +60,10 @@ def _check_tensor(t, name, shape, dtype=None, device=None):
 
 def _prepare(W, b, a, X, Y, activation, loss, input_scale, output_scale):
     """Checks the network arguments; returns (_cuda.Call, dtype name, reference tensor W)."""
+    activation = check_choice(activation, "activation", ACTIVATIONS)
+    loss = check_choice(loss, "loss", LOSSES)
+    input_scale = check_float(input_scale, "input_scale")
+    output_scale = check_float(output_scale, "output_scale")
     torch = _torch()
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
@@ -81,14 +85,12 @@ def _prepare(W, b, a, X, Y, activation, loss, input_scale, output_scale):
     _check_tensor(X, "X", [(n, d), (E, n, d)], dt, dev)
     if Y is not None:
         _check_tensor(Y, "Y", [(n, k), (E, n, k)], dt, dev)
-    activation = check_choice(activation, "activation", ACTIVATIONS)
-    loss = check_choice(loss, "loss", LOSSES)
     if min(E, m, d, k, n) < 1:
         raise ValueError(f"all sizes must be positive, got E={E} m={m} d={d} k={k} n={n}")
     call = _cuda.Call(
         E, n, d, m, k, W.data_ptr(), 0 if b is None else b.data_ptr(), a.data_ptr(), X.data_ptr(),
         0 if Y is None else Y.data_ptr(), X.dim() == 3, Y is not None and Y.dim() == 3,
-        check_float(input_scale, "input_scale"), check_float(output_scale, "output_scale"), activation, loss)
+        input_scale, output_scale, activation, loss)
     return call, str(dt).replace("torch.", ""), W
 
 
@@ -156,13 +158,14 @@ def sharpness(W, b, a, X, Y, *, activation="relu", loss="mse", input_scale=1.0, 
     the flattened order [W.ravel(), b, a.ravel()] (P = m d + m (if bias) + k m), and the number of steps taken.
     The start vector is Gaussian from a CPU torch generator seeded with ``seed``, so results are reproducible.
     """
-    call, dt, W = _prepare(W, b, a, X, Y, activation, loss, input_scale, output_scale)
-    iters = check_int(iters, "iters", min=1)
+    iters = check_int(iters, "iters", min=1, max=2**31 - 1)
     tol = check_float(tol, "tol", nonnegative=True)
+    seed = check_seed(seed)
+    call, dt, W = _prepare(W, b, a, X, Y, activation, loss, input_scale, output_scale)
     torch = _torch()
     E, m, d = W.shape
     P = m * d + (m if b is not None else 0) + a.shape[1] * m
-    gen = torch.Generator().manual_seed(check_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
     v = torch.randn((E, P), generator=gen, dtype=W.dtype).to(W.device).contiguous()
     eig = torch.empty(E, dtype=W.dtype, device=W.device)
     with torch.cuda.device(W.device):
