@@ -237,12 +237,64 @@ def _loss_torch(params, X, Y, act, loss, isc, osc, bias):
     return -(Y * torch.log_softmax(f, -1)).sum(-1).mean()
 
 
+def _autograd_member(W, b, a, X, Y, V, e, act, loss, isc, osc):
+    """torch autograd (CPU float64) loss, gradient and HVP of member e: the independent oracle."""
+    bias = b is not None
+    zeros = torch.zeros(W.shape[1], dtype=torch.float64)
+    Xe, Ye = (X[e] if X.dim() == 3 else X), (Y[e] if Y.dim() == 3 else Y)
+    params = (W[e], b[e] if bias else zeros, a[e])
+    Ve = (V[0][e], V[1][e] if bias else zeros, V[2][e])
+    fn = lambda *p: _loss_torch(p, Xe, Ye, act, loss, isc, osc, bias)  # noqa: E731
+    value = fn(*params).item()
+    grads = torch.autograd.functional.jacobian(fn, params)
+    _, hv = torch.autograd.functional.hvp(fn, params, Ve)
+    return value, grads, hv
+
+
+@needs_module
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("per_member,bias", [(False, True), (True, False)])
+def test_host_emulated_kernels_match_autograd(act, loss, per_member, bias):
+    # The GPU kernels' phases run on the host with several tiles per block (TS=3, n=10), several blocks per
+    # member and a thread count that does not divide the work, so their index arithmetic is checked here.
+    isc, osc = 0.7, 1.3
+    W, b, a, X, Y = _gpu_net(act, loss, torch.float64, bias=bias, E=2, m=5, d=4, k=3, n=10, per_member=per_member)
+    g = torch.Generator().manual_seed(3)
+    V = [None if t is None else torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (W, b, a)]
+    npy = [None if t is None else t.numpy() for t in (W, b, a, X, Y)]
+    vnp = tuple(None if t is None else t.numpy() for t in V)
+    lossv, *grads = _cuda._host_fused("grad", *npy, None, act, loss, isc, osc, TS=3, chunks=2, nthreads=7)
+    hv = _cuda._host_fused("hvp", *npy, vnp, act, loss, isc, osc, TS=3, chunks=2, nthreads=7)
+    for e in range(2):
+        value, ref_g, ref_h = _autograd_member(W, b, a, X, Y, V, e, act, loss, isc, osc)
+        assert lossv[e] == pytest.approx(value, rel=1e-12)
+        for got_g, got_h, rg, rh in zip(grads, hv, ref_g, ref_h):
+            if got_g is None:
+                continue
+            np.testing.assert_allclose(got_g[e], rg.numpy(), rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(got_h[e], rh.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@needs_module
+def test_host_emulation_does_not_depend_on_threads_or_chunks_much():
+    # Different thread counts give the same bits (each thread owns fixed outputs); different chunkings only
+    # reorder a sum.
+    W, b, a, X, Y = [t.numpy() for t in _gpu_net("gelu", "cross_entropy", torch.float64, E=2, n=30)]
+    r1 = _cuda._host_fused("grad", W, b, a, X, Y, None, "gelu", "cross_entropy", 1.0, 1.0, TS=4, chunks=3, nthreads=1)
+    r2 = _cuda._host_fused("grad", W, b, a, X, Y, None, "gelu", "cross_entropy", 1.0, 1.0, TS=4, chunks=3, nthreads=64)
+    r3 = _cuda._host_fused("grad", W, b, a, X, Y, None, "gelu", "cross_entropy", 1.0, 1.0, TS=8, chunks=1, nthreads=5)
+    for x, y, z in zip(r1, r2, r3):
+        assert np.array_equal(x, y)
+        np.testing.assert_allclose(x, z, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("per_member", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.gpu
 def test_gpu_kernels_match_reference(dtype, act, loss, per_member, bias):
     if not has_gpu:
         pytest.skip("no CUDA device")
@@ -262,18 +314,12 @@ def test_gpu_kernels_match_reference(dtype, act, loss, per_member, bias):
     V = [None if t is None else torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (W, b, a)]
     hv = pc.hvp(*dev, *[None if t is None else t.to(dtype).cuda() for t in V], loss=loss, **kw)
     for e in range(W.shape[0]):
-        Xe, Ye = (X[e] if X.dim() == 3 else X), (Y[e] if Y.dim() == 3 else Y)
-        params = (W[e], b[e] if bias else torch.zeros(W.shape[1], dtype=torch.float64), a[e])
-        Ve = (V[0][e], V[1][e] if bias else torch.zeros(W.shape[1], dtype=torch.float64), V[2][e])
-        fn = lambda *p: _loss_torch(p, Xe, Ye, act, loss, isc, osc, bias)  # noqa: E731
-        ref_g = torch.autograd.functional.jacobian(fn, params)
-        _, ref_h = torch.autograd.functional.hvp(fn, params, Ve)
-        for i, (got_g, got_h) in enumerate(zip(grads, hv)):
+        _, ref_g, ref_h = _autograd_member(W, b, a, X, Y, V, e, act, loss, isc, osc)
+        for got_g, got_h, rg, rh in zip(grads, hv, ref_g, ref_h):
             if got_g is None:
                 continue
-            np.testing.assert_allclose(got_g[e].double().cpu().numpy(), ref_g[i].numpy(), rtol=rtol, atol=rtol)
-            np.testing.assert_allclose(got_h[e].double().cpu().numpy(), ref_h[i].numpy(), rtol=rtol, atol=rtol)
-
+            np.testing.assert_allclose(got_g[e].double().cpu().numpy(), rg.numpy(), rtol=rtol, atol=rtol)
+            np.testing.assert_allclose(got_h[e].double().cpu().numpy(), rh.numpy(), rtol=rtol, atol=rtol)
 
 @pytest.mark.gpu
 def test_gpu_is_deterministic():

@@ -15,6 +15,7 @@
 
 #include "common/errors.hpp"
 #include "cuda/twolayer.hpp"
+#include "cuda/twolayer_fused.cuh"
 
 namespace physai::cuda {
 namespace {
@@ -23,21 +24,13 @@ constexpr int kThreads = 256;
 constexpr int kMaxChunks = 64;                // workspace rows per member
 constexpr std::size_t kSharedBytes = 40 * 1024;  // under the 48 KiB default: no opt-in attribute needed
 
-enum class Mode { grad, hvp };
-
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("physai CUDA: ") + what + ": " + cudaGetErrorString(err));
 }
 
 template <class T>
-__host__ __device__ int64_t num_params(const Net<T>& net) {
-  return net.m * net.d + (net.b ? net.m : 0) + net.k * net.m;
-}
-
-// Shared-memory values per sample: H, GH (and RH) of width m; F, G (and RF, RG) of width k; one loss.
-template <class T>
 int64_t tile_size(const Net<T>& net, Mode mode) {
-  const int64_t per = (mode == Mode::hvp ? 3 * net.m + 4 * net.k : 2 * net.m + 2 * net.k) + 1;
+  const int64_t per = shared_per_sample(net, mode);
   const int64_t ts = static_cast<int64_t>(kSharedBytes / sizeof(T)) / per;
   PHYSAI_REQUIRE(ts >= 1, "width m=", net.m, " and outputs k=", net.k, " are too large for the fused CUDA kernel");
   return std::min<int64_t>(ts, 32);
@@ -48,7 +41,7 @@ __global__ void forward_kernel(Net<T> net, T* out, int64_t TS) {
   extern __shared__ unsigned char smem_raw[];
   T* H = reinterpret_cast<T*>(smem_raw);  // [TS, m]
   const int64_t e = blockIdx.y, s0 = blockIdx.x * TS;
-  const int64_t ns = min(TS, net.n - s0), m = net.m, d = net.d, k = net.k;
+  const int64_t ns = imin(TS, net.n - s0), m = net.m, d = net.d, k = net.k;
   const T* W = net.W + e * net.sW;
   const T* b = net.b ? net.b + e * net.sb : nullptr;
   const T* a = net.a + e * net.sa;
@@ -69,128 +62,26 @@ __global__ void forward_kernel(Net<T> net, T* out, int64_t TS) {
 }
 
 // ws row layout: [P parameter partials, 1 loss partial]. Block (c, e) handles tiles c, c + gridDim.x, ...
+// Block (c, e) handles tiles c, c + gridDim.x, ... of member e; its workspace row is (e, c).
 template <class T, Mode mode>
 __global__ void fused_kernel(Net<T> net, Params<T, const T*> v, T* ws, int64_t TS) {
   extern __shared__ unsigned char smem_raw[];
-  const int64_t m = net.m, d = net.d, k = net.k;
-  T* H = reinterpret_cast<T*>(smem_raw);  // pre-activations [TS, m]
-  T* GH = H + TS * m;                      // dL/dh (grad) or R(dL/dh) (hvp) [TS, m]
-  T* F = GH + TS * m;                      // outputs [TS, k]
-  T* G = F + TS * k;                       // dL/df [TS, k]
-  T* L = G + TS * k;                       // per-sample loss [TS]
-  T* RH = L + TS;                          // hvp only: R(h) [TS, m]
-  T* RF = RH + TS * m;                     // R(f) [TS, k]
-  T* RG = RF + TS * k;                     // R(dL/df) [TS, k]
-
-  const int64_t e = blockIdx.y, P = num_params(net);
-  const T* W = net.W + e * net.sW;
-  const T* b = net.b ? net.b + e * net.sb : nullptr;
-  const T* a = net.a + e * net.sa;
-  const T* vW = mode == Mode::hvp ? v.W + e * v.sW : nullptr;
-  const T* vb = mode == Mode::hvp && net.b ? v.b + e * v.sb : nullptr;
-  const T* va = mode == Mode::hvp ? v.a + e * v.sa : nullptr;
-  T* row = ws + (e * gridDim.x + blockIdx.x) * (P + 1);
+  const Tile<T, mode> tile{net, v, blockIdx.y, TS, reinterpret_cast<T*>(smem_raw),
+                           ws + (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * (num_params(net) + 1)};
   const int64_t ntiles = (net.n + TS - 1) / TS;
-  const T is = net.input_scale, os = net.output_scale;
-
-  bool first = true;
-  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x, first = false) {
-    const int64_t s0 = tile * TS, ns = min(TS, net.n - s0);
-    const T* X = net.X + e * net.sX + s0 * d;
-    const T* Y = net.Y + e * net.sY + s0 * k;
-
-    for (int64_t idx = threadIdx.x; idx < ns * m; idx += blockDim.x) {
-      const int64_t s = idx / m, i = idx % m;
-      T acc = T(0), racc = T(0);
-      for (int64_t c = 0; c < d; ++c) {
-        acc += W[i * d + c] * X[s * d + c];
-        if (mode == Mode::hvp) racc += vW[i * d + c] * X[s * d + c];
-      }
-      H[idx] = is * acc + (b ? b[i] : T(0));
-      if (mode == Mode::hvp) RH[idx] = is * racc + (vb ? vb[i] : T(0));
+  for (int64_t t = blockIdx.x; t < ntiles; t += gridDim.x) {
+    for (int phase = 0; phase < kPhases; ++phase) {
+      tile.run_phase(phase, t, t == blockIdx.x, threadIdx.x, blockDim.x);
+      __syncthreads();
     }
-    __syncthreads();
-
-    for (int64_t idx = threadIdx.x; idx < ns * k; idx += blockDim.x) {
-      const int64_t s = idx / k, j = idx % k;
-      T acc = T(0), racc = T(0);
-      for (int64_t i = 0; i < m; ++i) {
-        const ActValues<T> av = activation(net.act, H[s * m + i]);
-        acc += a[j * m + i] * av.s;
-        if (mode == Mode::hvp) racc += va[j * m + i] * av.s + a[j * m + i] * av.d1 * RH[s * m + i];
-      }
-      F[idx] = os * acc;
-      if (mode == Mode::hvp) RF[idx] = os * racc;
-    }
-    __syncthreads();
-
-    for (int64_t s = threadIdx.x; s < ns; s += blockDim.x) {
-      L[s] = loss_grad(net.loss, F + s * k, Y + s * k, G + s * k, static_cast<int>(k));
-      if (mode == Mode::hvp) loss_hvp(net.loss, F + s * k, Y + s * k, RF + s * k, RG + s * k, static_cast<int>(k));
-    }
-    __syncthreads();
-
-    for (int64_t idx = threadIdx.x; idx < ns * m; idx += blockDim.x) {
-      const int64_t s = idx / m, i = idx % m;
-      const ActValues<T> av = activation(net.act, H[idx]);
-      T ag = T(0), rag = T(0);  // (a^T g)_i and R of it
-      for (int64_t j = 0; j < k; ++j) {
-        ag += a[j * m + i] * G[s * k + j];
-        if (mode == Mode::hvp) rag += va[j * m + i] * G[s * k + j] + a[j * m + i] * RG[s * k + j];
-      }
-      GH[idx] = mode == Mode::hvp ? os * (rag * av.d1 + ag * av.d2 * RH[idx]) : os * ag * av.d1;
-    }
-    __syncthreads();
-
-    // Each thread owns fixed parameter indices across tiles, so its reads and writes of `row` never race.
-    const int64_t nW = m * d, nb = b ? m : 0;
-    for (int64_t p = threadIdx.x; p <= P; p += blockDim.x) {
-      T acc = T(0);
-      if (p < nW) {
-        const int64_t i = p / d, c = p % d;
-        for (int64_t s = 0; s < ns; ++s) acc += GH[s * m + i] * X[s * d + c];
-        acc *= is;
-      } else if (p < nW + nb) {
-        const int64_t i = p - nW;
-        for (int64_t s = 0; s < ns; ++s) acc += GH[s * m + i];
-      } else if (p < P) {
-        const int64_t q = p - nW - nb, j = q / m, i = q % m;
-        for (int64_t s = 0; s < ns; ++s) {
-          const ActValues<T> av = activation(net.act, H[s * m + i]);
-          acc += mode == Mode::hvp ? RG[s * k + j] * av.s + G[s * k + j] * av.d1 * RH[s * m + i]
-                                   : G[s * k + j] * av.s;
-        }
-        acc *= os;
-      } else {
-        for (int64_t s = 0; s < ns; ++s) acc += L[s];
-      }
-      row[p] = first ? acc : row[p] + acc;
-    }
-    __syncthreads();
   }
 }
 
-// Sums the workspace rows of each member in chunk order and applies the mean's normalization.
 template <class T>
 __global__ void reduce_kernel(Net<T> net, const T* ws, int64_t chunks, T* loss, Params<T> out) {
-  const int64_t P = num_params(net), total = net.E * (P + 1);
-  const int64_t nW = net.m * net.d, nb = net.b ? net.m : 0;
-  const T norm = net.loss == Loss::cross_entropy ? T(1) / T(net.n) : T(1) / (T(net.n) * T(net.k));
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total; t += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t e = t / (P + 1), p = t % (P + 1);
-    T acc = T(0);
-    for (int64_t c = 0; c < chunks; ++c) acc += ws[(e * chunks + c) * (P + 1) + p];
-    acc *= norm;
-    if (p < nW) {
-      out.W[e * out.sW + p] = acc;
-    } else if (p < nW + nb) {
-      out.b[e * out.sb + p - nW] = acc;
-    } else if (p < P) {
-      out.a[e * out.sa + p - nW - nb] = acc;
-    } else if (loss) {
-      loss[e] = acc;
-    }
-  }
+  const int64_t total = net.E * (num_params(net) + 1);
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total; t += int64_t(gridDim.x) * blockDim.x)
+    reduce_element(net, ws, chunks, loss, out, t);
 }
 
 template <class T>

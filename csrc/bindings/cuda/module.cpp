@@ -9,6 +9,8 @@
 
 #include "common/errors.hpp"
 #include "cuda/twolayer.hpp"
+#include "cuda/twolayer_fused.cuh"
+#include <vector>
 
 namespace py = pybind11;
 using namespace physai::cuda;
@@ -101,6 +103,63 @@ py::tuple host_loss(const std::string& name, py::array_t<double, py::array::c_st
   return py::make_tuple(value, grad, hu);
 }
 
+using Arr = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+// Runs the GPU kernels' phases and reduction on the host (float64), one emulated block at a time, with the
+// given tile size, number of blocks per member and threads per block. Returns (loss, dW, db, da) for
+// mode "grad" and (HW, Hb, Ha) for mode "hvp" (db/Hb None without bias).
+py::tuple host_fused(const std::string& mode_name, Arr W, py::object b_obj, Arr a, Arr X, Arr Y, py::object v_obj,
+                     const std::string& act, const std::string& loss, double input_scale, double output_scale,
+                     int64_t TS, int64_t chunks, int64_t nthreads) {
+  PHYSAI_REQUIRE(mode_name == "grad" || mode_name == "hvp", "mode must be grad or hvp");
+  const bool hvp = mode_name == "hvp";
+  const bool bias = !b_obj.is_none();
+  PHYSAI_REQUIRE(W.ndim() == 3 && a.ndim() == 3 && X.ndim() >= 2 && Y.ndim() == X.ndim(), "bad ranks");
+  Net<double> net;
+  net.E = W.shape(0), net.m = W.shape(1), net.d = W.shape(2), net.k = a.shape(1), net.n = X.shape(X.ndim() - 2);
+  PHYSAI_REQUIRE(a.shape(0) == net.E && a.shape(2) == net.m && X.shape(X.ndim() - 1) == net.d &&
+                 Y.shape(Y.ndim() - 2) == net.n && Y.shape(Y.ndim() - 1) == net.k, "inconsistent shapes");
+  Arr b = bias ? b_obj.cast<Arr>() : Arr(std::vector<py::ssize_t>{0});
+  PHYSAI_REQUIRE(!bias || b.size() == net.E * net.m, "b must have shape [E, m]");
+  net.W = W.data(), net.b = bias ? b.data() : nullptr, net.a = a.data();
+  net.sW = net.m * net.d, net.sb = net.m, net.sa = net.k * net.m;
+  net.X = X.data(), net.sX = X.ndim() == 3 ? net.n * net.d : 0;
+  net.Y = Y.data(), net.sY = Y.ndim() == 3 ? net.n * net.k : 0;
+  net.input_scale = input_scale, net.output_scale = output_scale;
+  net.act = parse_activation(act), net.loss = parse_loss(loss);
+  const int64_t ntiles = (net.n + TS - 1) / TS;
+  PHYSAI_REQUIRE(TS >= 1 && chunks >= 1 && chunks <= ntiles && nthreads >= 1, "need TS >= 1, 1 <= chunks <= tiles");
+  Params<double, const double*> v;
+  Arr vW, vb, va;
+  if (hvp) {
+    auto t = v_obj.cast<py::tuple>();
+    vW = t[0].cast<Arr>(), va = t[2].cast<Arr>();
+    PHYSAI_REQUIRE(vW.size() == W.size() && va.size() == a.size(), "direction must match (W, b, a)");
+    if (bias) {
+      vb = t[1].cast<Arr>();
+      PHYSAI_REQUIRE(vb.size() == b.size(), "vb must match b");
+    }
+    v = {vW.data(), bias ? vb.data() : nullptr, va.data(), net.sW, net.sb, net.sa};
+  }
+  const int64_t P = num_params(net);
+  std::vector<double> ws(net.E * chunks * (P + 1)), smem(TS * shared_per_sample(net, hvp ? Mode::hvp : Mode::grad));
+  for (int64_t e = 0; e < net.E; ++e)
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t t = c; t < ntiles; t += chunks)
+        for (int phase = 0; phase < kPhases; ++phase)
+          for (int64_t tid = 0; tid < nthreads; ++tid) {
+            double* row = ws.data() + (e * chunks + c) * (P + 1);
+            if (hvp) Tile<double, Mode::hvp>{net, v, e, TS, smem.data(), row}.run_phase(phase, t, t == c, tid, nthreads);
+            else Tile<double, Mode::grad>{net, v, e, TS, smem.data(), row}.run_phase(phase, t, t == c, tid, nthreads);
+          }
+  py::array_t<double> lossv(net.E), oW({net.E, net.m, net.d}), ob({net.E, bias ? net.m : 0}), oa({net.E, net.k, net.m});
+  const Params<double> out{oW.mutable_data(), bias ? ob.mutable_data() : nullptr, oa.mutable_data(), net.sW, net.sb, net.sa};
+  for (int64_t t = 0; t < net.E * (P + 1); ++t) reduce_element(net, ws.data(), chunks, lossv.mutable_data(), out, t);
+  py::object db = bias ? py::object(ob) : py::none();
+  if (hvp) return py::make_tuple(oW, db, oa);
+  return py::make_tuple(lossv, oW, db, oa);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -155,4 +214,8 @@ PYBIND11_MODULE(_cuda, m) {
         "Host evaluation of the device activation math: array [3, x.size] of sigma, sigma', sigma''.");
   m.def("_host_loss", &host_loss, py::arg("name"), py::arg("f"), py::arg("y"), py::arg("u"),
         "Host evaluation of the device loss math per sample (unnormalized): (value [n], grad [n,k], H u [n,k]).");
+  m.def("_host_fused", &host_fused, py::arg("mode"), py::arg("W"), py::arg("b"), py::arg("a"), py::arg("X"),
+        py::arg("Y"), py::arg("v"), py::arg("activation"), py::arg("loss"), py::arg("input_scale"),
+        py::arg("output_scale"), py::arg("TS"), py::arg("chunks"), py::arg("nthreads"),
+        "Host emulation (float64) of the fused grad/hvp kernels and their reduction, for tests without a GPU.");
 }
