@@ -171,3 +171,51 @@ def sharpness(W, b, a, X, Y, *, activation="relu", loss="mse", input_scale=1.0, 
     with torch.cuda.device(W.device):
         steps = _cuda.power_iteration(call, dt, v.data_ptr(), eig.data_ptr(), iters, tol, _stream(W))
     return (eig, v, steps) if return_vectors else eig
+
+
+def ensemble_loss(W, b, a, X, Y, *, activation="relu", loss="mse", input_scale=1.0, output_scale=1.0):
+    """Differentiable mean loss per member, loss [E], for use inside an existing torch training loop.
+
+    Backward returns the fused kernel's gradients for W, b, a (scaled by the incoming gradient of each member's
+    loss); X and Y get no gradient. Example: ``ensemble_loss(W, None, a, X, Y, loss="mse").sum().backward()``.
+    """
+    return _EnsembleLoss.apply(W, b, a, X, Y, activation, loss, input_scale, output_scale)
+
+
+def _make_function():
+    torch = _torch()
+
+    class EnsembleLoss(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, W, b, a, X, Y, activation, loss, input_scale, output_scale):
+            value, grads = loss_and_grad(W.detach(), None if b is None else b.detach(), a.detach(), X.detach(),
+                                         Y.detach(), activation=activation, loss=loss, input_scale=input_scale,
+                                         output_scale=output_scale)
+            ctx.save_for_backward(*[g for g in grads if g is not None])
+            ctx.has_bias = b is not None
+            return value
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            saved = list(ctx.saved_tensors)
+            dW, da = saved[0], saved[-1]
+            db = saved[1] if ctx.has_bias else None
+            scale = grad_out.view(-1, 1, 1)
+            return (dW * scale, None if db is None else db * grad_out.view(-1, 1), da * scale,
+                    None, None, None, None, None, None)
+
+    return EnsembleLoss
+
+
+class _Lazy:
+    """Builds the autograd Function on first use, so importing physai.cuda does not import torch."""
+
+    fn = None
+
+    def apply(self, *args):
+        if _Lazy.fn is None:
+            _Lazy.fn = _make_function()
+        return _Lazy.fn.apply(*args)
+
+
+_EnsembleLoss = _Lazy()

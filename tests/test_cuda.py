@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import physai
 from physai import _native
 
 torch = pytest.importorskip("torch")
@@ -24,7 +23,7 @@ LOSSES = ["mse", "logistic", "cross_entropy"]
 
 
 def test_native_info_reports_cuda():
-    info = physai.native_info() if hasattr(physai, "native_info") else _native.native_info()
+    info = _native.native_info()
     assert info["cuda_compiled"] == (_cuda is not None)
     if _cuda is None:
         assert info["cuda_devices"] == 0
@@ -357,3 +356,19 @@ def test_gpu_sharpness_matches_dense_eigh(bias):
         w = np.linalg.eigvalsh(H)
         top = w[np.argmax(np.abs(w))]
         np.testing.assert_allclose(eig[e], top, rtol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_ensemble_loss_autograd_function():
+    if not has_gpu:
+        pytest.skip("no CUDA device")
+    import physai.cuda as pc
+
+    W, b, a, X, Y = [t.cuda() for t in _gpu_net("softplus", "logistic", torch.float64)]
+    params = [t.clone().requires_grad_() for t in (W, b, a)]
+    weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, device="cuda")
+    (pc.ensemble_loss(*params, X, Y, activation="softplus", loss="logistic") * weights).sum().backward()
+    _, grads = pc.loss_and_grad(W, b, a, X, Y, activation="softplus", loss="logistic")
+    for p, g in zip(params, grads):
+        shape = (-1,) + (1,) * (g.dim() - 1)
+        torch.testing.assert_close(p.grad, g * weights.view(shape))
