@@ -61,8 +61,7 @@ __global__ void forward_kernel(Net<T> net, T* out, int64_t TS) {
   }
 }
 
-// ws row layout: [P parameter partials, 1 loss partial]. Block (c, e) handles tiles c, c + gridDim.x, ...
-// Block (c, e) handles tiles c, c + gridDim.x, ... of member e; its workspace row is (e, c).
+// ws row layout: [P parameter partials, 1 loss partial]. Block (c, e) handles tiles c, c + gridDim.x, ... of member e; its workspace row is (e, c).
 template <class T, Mode mode>
 __global__ void fused_kernel(Net<T> net, Params<T, const T*> v, T* ws, int64_t TS) {
   extern __shared__ unsigned char smem_raw[];
