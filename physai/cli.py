@@ -18,11 +18,22 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """A tour: LEGO sentences with their answers, then the edge-of-stability experiment (JSON + figure)."""
+    status = main(["lego", "--demo", "-n", "3"])
+    print()
+    return status or main(["eos", "--json", args.json, "--plot", args.plot])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="physai", description="physics-of-AI experiments, fast")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="describe the native build")
     info.set_defaults(run=_info)
+    demo = commands.add_parser("demo", help="a quick tour: LEGO sentences, then the edge-of-stability experiment")
+    demo.add_argument("--json", default="eos.json")
+    demo.add_argument("--plot", default="eos.png")
+    demo.set_defaults(run=_demo)
     for module in _COMMAND_MODULES:
         importlib.import_module(module).add_parser(commands)
     return parser
