@@ -31,28 +31,11 @@ auto python_matvec(const py::function& f, int64_t batch, int64_t n) {
   };
 }
 
-sp::Options make_options(int64_t k, const std::string& which, double tol, int64_t max_matvecs, int64_t ncv,
-                         uint64_t seed) {
-  sp::Options opt;
-  opt.k = k;
-  if (which == "LA")
-    opt.which = sp::Which::LargestAlgebraic;
-  else if (which == "LM")
-    opt.which = sp::Which::LargestMagnitude;
-  else
-    physai::fail_value("which: expected 'LA' or 'LM', got '", which, "'");
-  opt.tol = tol;
-  opt.max_matvecs = max_matvecs;
-  opt.ncv = ncv;
-  opt.seed = seed;
-  return opt;
-}
-
 template <class T>
 py::tuple run(bool use_lanczos, const py::function& f, int64_t batch, int64_t n, int64_t k, const std::string& which,
               double tol, int64_t max_matvecs, int64_t ncv, uint64_t seed, const py::object& v0) {
   PHYSAI_REQUIRE(batch >= 1 && n >= 1, "batch and n must be >= 1, got batch=", batch, " n=", n);
-  const sp::Options opt = make_options(k, which, tol, max_matvecs, ncv, seed);
+  const sp::Options opt = sp::make_options(k, which, tol, max_matvecs, ncv, seed);
   const T* start = nullptr;
   py::array v0_array;
   if (!v0.is_none()) {

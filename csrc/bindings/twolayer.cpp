@@ -139,15 +139,7 @@ struct EigOptions {
   bool lanczos;
 
   physai::spectrum::Options native() const {
-    physai::spectrum::Options options;
-    options.k = k;
-    if (which != "LA" && which != "LM") physai::fail_value("which: expected 'LA' or 'LM', got '", which, "'");
-    options.which = which == "LA" ? physai::spectrum::Which::LargestAlgebraic : physai::spectrum::Which::LargestMagnitude;
-    options.tol = tol;
-    options.max_matvecs = max_matvecs;
-    options.ncv = ncv;
-    options.seed = seed;
-    return options;
+    return physai::spectrum::make_options(k, which, tol, max_matvecs, ncv, seed);
   }
 };
 

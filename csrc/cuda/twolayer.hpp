@@ -22,8 +22,8 @@ struct Net {
   const T* Y = nullptr;
   int64_t sY = 0;
   T input_scale = T(1), output_scale = T(1);
-  Activation act = Activation::relu;
-  Loss loss = Loss::mse;
+  Activation act = Activation::Relu;
+  Loss loss = Loss::Mse;
 };
 
 // A per-member parameter-shaped output or direction: pointers to the W, b, a parts and their member strides.

@@ -13,16 +13,16 @@ namespace physai::cuda {
 enum class Mode { grad, hvp };
 constexpr int kPhases = 5;
 
-PHYSAI_HD inline int64_t imin(int64_t x, int64_t y) { return x < y ? x : y; }
+PHYSAI_HD int64_t imin(int64_t x, int64_t y) { return x < y ? x : y; }
 
 template <class T>
-PHYSAI_HD inline int64_t num_params(const Net<T>& net) {
+PHYSAI_HD int64_t num_params(const Net<T>& net) {
   return net.m * net.d + (net.b ? net.m : 0) + net.k * net.m;
 }
 
 // Shared-memory values per sample: H, GH (and RH) of width m; F, G (and RF, RG) of width k; one loss.
 template <class T>
-PHYSAI_HD inline int64_t shared_per_sample(const Net<T>& net, Mode mode) {
+PHYSAI_HD int64_t shared_per_sample(const Net<T>& net, Mode mode) {
   return (mode == Mode::hvp ? 3 * net.m + 4 * net.k : 2 * net.m + 2 * net.k) + 1;
 }
 
@@ -133,10 +133,10 @@ struct Tile {
 // Output element t of the reduction (t < E (P + 1)): sums member e's workspace rows in chunk order and applies
 // the mean's normalization. loss may be null (hvp).
 template <class T>
-PHYSAI_HD inline void reduce_element(const Net<T>& net, const T* ws, int64_t chunks, T* loss, const Params<T>& out,
+PHYSAI_HD void reduce_element(const Net<T>& net, const T* ws, int64_t chunks, T* loss, const Params<T>& out,
                                      int64_t t) {
   const int64_t P = num_params(net), nW = net.m * net.d, nb = net.b ? net.m : 0;
-  const T norm = net.loss == Loss::cross_entropy ? T(1) / T(net.n) : T(1) / (T(net.n) * T(net.k));
+  const T norm = net.loss == Loss::CrossEntropy ? T(1) / T(net.n) : T(1) / (T(net.n) * T(net.k));
   const int64_t e = t / (P + 1), p = t % (P + 1);
   T acc = T(0);
   for (int64_t c = 0; c < chunks; ++c) acc += ws[(e * chunks + c) * (P + 1) + p];

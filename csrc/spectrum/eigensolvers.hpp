@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <exception>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "common/errors.hpp"
@@ -32,6 +33,24 @@ struct Options {
   int64_t ncv = 0;               // Krylov dimension (Lanczos); 0 = min(n, max(2k + 1, 20))
   uint64_t seed = 0;             // starting vectors when no warm start is given
 };
+
+// Options from the Python-facing spellings ("LA" / "LM"), shared by every binding that runs a solver.
+inline Options make_options(int64_t k, const std::string& which, double tol, int64_t max_matvecs, int64_t ncv,
+                            uint64_t seed) {
+  Options opt;
+  opt.k = k;
+  if (which == "LA")
+    opt.which = Which::LargestAlgebraic;
+  else if (which == "LM")
+    opt.which = Which::LargestMagnitude;
+  else
+    fail_value("which: expected 'LA' or 'LM', got '", which, "'");
+  opt.tol = tol;
+  opt.max_matvecs = max_matvecs;
+  opt.ncv = ncv;
+  opt.seed = seed;
+  return opt;
+}
 
 // Random-stream domains, shared with physai/spectrum/reference.py.
 constexpr uint32_t kDomainStart = 0x5ec0;     // starting vector of member b: stream (seed, b, kDomainStart)

@@ -18,20 +18,20 @@ using namespace physai::cuda;
 namespace {
 
 Activation parse_activation(const std::string& name) {
-  if (name == "relu") return Activation::relu;
-  if (name == "tanh") return Activation::tanh;
-  if (name == "gelu") return Activation::gelu;
-  if (name == "erf") return Activation::erf;
-  if (name == "quadratic") return Activation::quadratic;
-  if (name == "linear") return Activation::linear;
-  if (name == "softplus") return Activation::softplus;
+  if (name == "relu") return Activation::Relu;
+  if (name == "tanh") return Activation::Tanh;
+  if (name == "gelu") return Activation::Gelu;
+  if (name == "erf") return Activation::Erf;
+  if (name == "quadratic") return Activation::Quadratic;
+  if (name == "linear") return Activation::Linear;
+  if (name == "softplus") return Activation::Softplus;
   physai::fail_value("activation must be one of relu, tanh, gelu, erf, quadratic, linear, softplus; got '", name, "'");
 }
 
 Loss parse_loss(const std::string& name) {
-  if (name == "mse") return Loss::mse;
-  if (name == "logistic") return Loss::logistic;
-  if (name == "cross_entropy") return Loss::cross_entropy;
+  if (name == "mse") return Loss::Mse;
+  if (name == "logistic") return Loss::Logistic;
+  if (name == "cross_entropy") return Loss::CrossEntropy;
   physai::fail_value("loss must be one of mse, logistic, cross_entropy; got '", name, "'");
 }
 
