@@ -16,6 +16,8 @@ void bind_spectrum(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "physai native kernels (CPU)";
+  // physai's own parallel loops own the threads; BLAS inside them runs single-threaded (see twolayer/kernels.cpp).
+  physai::blas::set_num_threads(1);
   py::register_local_exception<physai::type_error>(m, "NativeTypeError", PyExc_TypeError);
 
   m.def("build_info", [] {
@@ -30,7 +32,6 @@ PYBIND11_MODULE(_core, m) {
   m.def("num_threads", &physai::num_threads);
   m.def("set_num_threads", &physai::set_num_threads, py::arg("n"));
   m.def("blas_num_threads", &physai::blas::num_threads);
-  m.def("set_blas_num_threads", &physai::blas::set_num_threads, py::arg("n"));
 
   auto rng = m.def_submodule("rng", "counter-based random numbers (Philox4x32-10)");
   bind_rng(rng);

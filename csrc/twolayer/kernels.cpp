@@ -22,18 +22,24 @@ int64_t tile_rows(int64_t n, int64_t m) {
   return std::min(n, std::max<int64_t>(fit, 256));
 }
 
-// BLAS always runs single-threaded: OpenBLAS's own threading changes the rounding of some shapes with the thread
-// count. Several members run one per thread; a single member splits its GEMMs into fixed blocks (gemm below) and
-// its elementwise loops into rows, so every value is computed the same way whatever the thread count.
+// BLAS always runs single-threaded (set once when the module loads): OpenBLAS's own threading changes the rounding
+// of some shapes with the thread count. Several members run one per thread; a single member splits its GEMMs into
+// fixed blocks (gemm below) and its elementwise loops into rows, so every value is computed the same way whatever
+// the thread count. Members too small to repay a fork/join run on one thread.
 template <class Body>
-void over_members(int64_t E, Body&& body) {
+void over_members(int64_t E, int64_t work_per_member, Body&& body) {
   const int threads = num_threads();
-  blas::ThreadsScope scope(1);
+  constexpr int64_t kParallelWork = int64_t(1) << 17;  // multiply-adds per member below which threads do not pay
   if (E > 1 && threads > 1) {
     parallel_for(E, [&](int64_t e) { body(e, false); });
   } else {
-    for (int64_t e = 0; e < E; ++e) body(e, threads > 1);
+    for (int64_t e = 0; e < E; ++e) body(e, threads > 1 && work_per_member >= kParallelWork);
   }
+}
+
+template <class T>
+int64_t work_of(const Net<T>& net) {
+  return net.n * net.m * (net.d + net.k);
 }
 
 template <class Body>
@@ -197,7 +203,7 @@ void validate(const Net<T>& net) {
 template <class T>
 void forward(const Net<T>& net, T* F) {
   validate(net);
-  over_members(net.E, [&](int64_t e, bool parallel) {
+  over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
     const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
     std::vector<T> S(tile * m), D1(tile * m);
     for (int64_t r0 = 0; r0 < n; r0 += tile) {
@@ -212,7 +218,7 @@ void forward(const Net<T>& net, T* F) {
 template <class T>
 void backward(const Net<T>& net, const T* G, T* dW, T* db, T* da, T* dX) {
   validate(net);
-  over_members(net.E, [&](int64_t e, bool parallel) {
+  over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
     const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
     std::vector<T> S(tile * m), D1(tile * m), dS(tile * m);
     T *dW_e = dW + e * m * d, *db_e = net.b ? db + e * m : nullptr, *da_e = da + e * k * m;
@@ -234,7 +240,7 @@ void backward(const Net<T>& net, const T* G, T* dW, T* db, T* da, T* dX) {
 template <class T>
 void loss_and_grad(const Net<T>& net, const Targets<T>& targets, T* loss, T* dW, T* db, T* da) {
   validate(net);
-  over_members(net.E, [&](int64_t e, bool parallel) {
+  over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
     const int64_t m = net.m, k = net.k, d = net.d;
     loss[e] = member_loss_and_grad(net, targets.Y_of(e, net.n, k), targets.loss, e, dW + e * m * d,
                                    net.b ? db + e * m : nullptr, da + e * k * m, parallel);
@@ -247,7 +253,7 @@ HessianOperator<T>::HessianOperator(const Net<T>& net, const Targets<T>& targets
   const int64_t E = net.E, n = net.n, m = net.m, k = net.k;
   S_.resize(E * n * m); D1_.resize(E * n * m); D2_.resize(E * n * m); dS_.resize(E * n * m);
   F_.resize(E * n * k); G_.resize(E * n * k); loss_.resize(E);
-  over_members(E, [&](int64_t e, bool parallel) {
+  over_members(E, work_of(net), [&](int64_t e, bool parallel) {
     T *S = S_.data() + e * n * m, *D1 = D1_.data() + e * n * m, *D2 = D2_.data() + e * n * m;
     T *F = F_.data() + e * n * k, *G = G_.data() + e * n * k, *dS = dS_.data() + e * n * m;
     hidden(net_, e, net_.X_of(e), n, S, D1, D2, parallel);
@@ -317,14 +323,14 @@ void HessianOperator<T>::apply_member(int64_t e, const T* v, T* out, bool parall
 template <class T>
 void HessianOperator<T>::apply(const T* V, T* out) const {
   const int64_t P = net_.params();
-  over_members(net_.E, [&](int64_t e, bool parallel) { apply_member(e, V + e * P, out + e * P, parallel); });
+  over_members(net_.E, work_of(net_), [&](int64_t e, bool parallel) { apply_member(e, V + e * P, out + e * P, parallel); });
 }
 
 template <class T>
 void HessianOperator<T>::loss_and_grad(T* loss, T* dW, T* db, T* da) const {
   const Net<T>& net = net_;
   const int64_t n = net.n, m = net.m, k = net.k, d = net.d;
-  over_members(net.E, [&](int64_t e, bool parallel) {
+  over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
     const T *S = S_.data() + e * n * m, *D1 = D1_.data() + e * n * m, *dS = dS_.data() + e * n * m;
     const T* G = G_.data() + e * n * k;
     std::vector<T> dZ(n * m);
@@ -414,11 +420,11 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
         tracking.sharpness[row * E + e] = diverged[e] ? std::numeric_limits<T>::quiet_NaN() : top[e];
       if (rows == n) {
         op.loss_and_grad(losses + step * E, dW.data(), b ? db.data() : nullptr, da.data());
-        over_members(E, [&](int64_t e, bool) { update(e); });
+        over_members(E, work_of(net), [&](int64_t e, bool) { update(e); });
         continue;
       }
     }
-    over_members(E, [&](int64_t e, bool parallel) {
+    over_members(E, work_of(net), [&](int64_t e, bool parallel) {
       // The member's mini-batch as a one-member view: rows r0 .. r0+rows of its X and Y.
       Net<T> view = net;
       view.E = 1;
