@@ -51,6 +51,67 @@ void over_rows(int64_t rows, bool parallel, Body&& body) {
   }
 }
 
+// GEMMs with a dimension of at most kSmallDim (the k outputs of the network) are memory-bound outer products or
+// dot products: plain loops beat a BLAS call. Each entry point is cloned for AVX2/FMA; reductions use a fixed
+// vector order (omp simd), so the bits depend on the shapes and the CPU, never on the thread count.
+constexpr int64_t kSmallDim = 8;
+
+template <class T>
+__attribute__((always_inline)) inline void small_gemm_impl(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K,
+                                                           T alpha, const T* A, int64_t lda, const T* B, int64_t ldb,
+                                                           T beta, T* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    T* c = C + i * ldc;
+    if (beta == T(0)) {
+      for (int64_t j = 0; j < N; ++j) c[j] = T(0);
+    } else if (beta != T(1)) {
+      for (int64_t j = 0; j < N; ++j) c[j] *= beta;
+    }
+    if (ta == Trans::No && tb == Trans::Yes) {  // rows of A against rows of B: dot products
+      const T* a = A + i * lda;
+      for (int64_t j = 0; j < N; ++j) {
+        const T* b = B + j * ldb;
+        T sum = T(0);
+#pragma omp simd reduction(+ : sum)
+        for (int64_t l = 0; l < K; ++l) sum += a[l] * b[l];
+        c[j] += alpha * sum;
+      }
+    } else {  // scaled rows of op(B) added into the row of C
+      for (int64_t l = 0; l < K; ++l) {
+        const T a = alpha * (ta == Trans::No ? A[i * lda + l] : A[l * lda + i]);
+        if (tb == Trans::No) {
+          const T* b = B + l * ldb;
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+        } else {
+          for (int64_t j = 0; j < N; ++j) c[j] += a * B[j * ldb + l];
+        }
+      }
+    }
+  }
+}
+
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+void small_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  small_gemm_impl(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+void small_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+                const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  small_gemm_impl(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+template <class T>
+void block_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+                int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (std::min({M, N, K}) <= kSmallDim)
+    small_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  else
+    blas::gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
 // C = alpha op(A) op(B) + beta C, always cut into blocks of kGemmBlock rows of C (or columns, when C is wide and
 // short) that run in parallel when `parallel`. The cut depends only on the shapes, so neither does any result.
 constexpr int64_t kGemmBlock = 64;
@@ -62,13 +123,13 @@ void gemm(bool parallel, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T 
     over_rows((M + kGemmBlock - 1) / kGemmBlock, parallel, [&](int64_t block) {
       const int64_t i0 = block * kGemmBlock, rows = std::min(kGemmBlock, M - i0);
       const T* A_block = ta == Trans::No ? A + i0 * lda : A + i0;
-      blas::gemm(ta, tb, rows, N, K, alpha, A_block, lda, B, ldb, beta, C + i0 * ldc, ldc);
+      block_gemm(ta, tb, rows, N, K, alpha, A_block, lda, B, ldb, beta, C + i0 * ldc, ldc);
     });
   } else {
     over_rows((N + kGemmBlock - 1) / kGemmBlock, parallel, [&](int64_t block) {
       const int64_t j0 = block * kGemmBlock, cols = std::min(kGemmBlock, N - j0);
       const T* B_block = tb == Trans::No ? B + j0 : B + j0 * ldb;
-      blas::gemm(ta, tb, M, cols, K, alpha, A, lda, B_block, ldb, beta, C + j0, ldc);
+      block_gemm(ta, tb, M, cols, K, alpha, A, lda, B_block, ldb, beta, C + j0, ldc);
     });
   }
 }
