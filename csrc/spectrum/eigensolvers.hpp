@@ -76,6 +76,20 @@ void random_vector(CounterStream& stream, T* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) v[i] = static_cast<T>(2.0 * stream.uniform_double() - 1.0);
 }
 
+// Member b's unit starting vector: its row of the warm start v0, or random from stream (seed, b, kDomainStart).
+template <class T>
+void start_vector(const Options& opt, const T* v0, int64_t b, int64_t n, T* x, const char* solver) {
+  if (v0) {
+    std::copy(v0 + b * n, v0 + (b + 1) * n, x);
+  } else {
+    CounterStream stream(opt.seed, static_cast<uint64_t>(b), kDomainStart);
+    random_vector(stream, x, n);
+  }
+  const double nx = norm(x, n);
+  PHYSAI_REQUIRE(nx > 0 && std::isfinite(nx), solver, ": v0 of member ", b, " is zero or not finite");
+  for (int64_t t = 0; t < n; ++t) x[t] = static_cast<T>(x[t] / nx);
+}
+
 // Gives each eigenvector a reproducible sign: its largest-magnitude entry (first on ties) is positive.
 template <class T>
 void fix_sign(T* v, int64_t n) {
@@ -182,15 +196,7 @@ void power_iteration(MatVec&& matvec, int64_t batch, int64_t n, const Options& o
   std::vector<uint8_t> done(batch, 0);
   detail::guarded_parallel_for(batch, [&](int64_t b) {
     T* x = X.data() + b * n;
-    if (v0) {
-      std::copy(v0 + b * n, v0 + (b + 1) * n, x);
-    } else {
-      CounterStream stream(opt.seed, static_cast<uint64_t>(b), kDomainStart);
-      detail::random_vector(stream, x, n);
-    }
-    const double nx = detail::norm(x, n);
-    PHYSAI_REQUIRE(nx > 0 && std::isfinite(nx), "power_iteration: v0 of member ", b, " is zero or not finite");
-    for (int64_t t = 0; t < n; ++t) x[t] = static_cast<T>(x[t] / nx);
+    detail::start_vector(opt, v0, b, n, x, "power_iteration");
     matvecs[b] = 0;
     converged[b] = 0;
   });
@@ -254,15 +260,7 @@ void lanczos(MatVec&& matvec, int64_t batch, int64_t n, const Options& opt, cons
     s.H.assign(static_cast<size_t>(m) * m, 0.0);
     s.breakdown = CounterStream(opt.seed, static_cast<uint64_t>(b), kDomainBreakdown);
     T* x = s.v(0);
-    if (v0) {
-      std::copy(v0 + b * n, v0 + (b + 1) * n, x);
-    } else {
-      CounterStream stream(opt.seed, static_cast<uint64_t>(b), kDomainStart);
-      detail::random_vector(stream, x, n);
-    }
-    const double nx = detail::norm(x, n);
-    PHYSAI_REQUIRE(nx > 0 && std::isfinite(nx), "lanczos: v0 of member ", b, " is zero or not finite");
-    for (int64_t t = 0; t < n; ++t) x[t] = static_cast<T>(x[t] / nx);
+    detail::start_vector(opt, v0, b, n, x, "lanczos");
     matvecs[b] = 0;
     converged[b] = 0;
   });

@@ -98,6 +98,11 @@ def two_layer(X, W, b, a, *, activation: str = "relu", input_scale: float = 1.0,
     return ensemble.down(F)
 
 
+def _fused_loss_and_grad(X, Y, W, b, a, config, loss_code):
+    return _native("loss_and_grad", W.dtype)(_view(X, "X"), _view(W, "W"), _view(b, "b"), _view(a, "a"), _view(Y, "Y"),
+                                             config, loss_code)
+
+
 class _LossGradFunction(torch.autograd.Function):
     """(dW, db, da) of the fused loss; its backward is the Hessian-vector product, which makes double backward of
     the loss exact and native."""
@@ -106,8 +111,7 @@ class _LossGradFunction(torch.autograd.Function):
     def forward(ctx, X, Y, W, b, a, config, loss_code):
         ctx.save_for_backward(X, Y, W, b, a)
         ctx.config, ctx.loss_code = config, loss_code
-        _, dW, db, da = _native("loss_and_grad", W.dtype)(_view(X, "X"), _view(W, "W"), _view(b, "b"), _view(a, "a"),
-                                                          _view(Y, "Y"), config, loss_code)
+        _, dW, db, da = _fused_loss_and_grad(X, Y, W, b, a, config, loss_code)
         return torch.from_numpy(dW), None if db is None else torch.from_numpy(db), torch.from_numpy(da)
 
     @staticmethod
@@ -137,8 +141,7 @@ class _LossFunction(torch.autograd.Function):
     def forward(ctx, X, Y, W, b, a, config, loss_code):
         ctx.save_for_backward(X, Y, W, b, a)
         ctx.config, ctx.loss_code = config, loss_code
-        value, _, _, _ = _native("loss_and_grad", W.dtype)(_view(X, "X"), _view(W, "W"), _view(b, "b"), _view(a, "a"),
-                                                           _view(Y, "Y"), config, loss_code)
+        value, _, _, _ = _fused_loss_and_grad(X, Y, W, b, a, config, loss_code)
         return torch.from_numpy(value)
 
     @staticmethod
