@@ -59,6 +59,7 @@ TASKS = [
     dict(n_vars=12),
     dict(n_vars=1),
     dict(n_vars=26, group="z7", graph="tree"),
+    dict(n_vars=26, group="z16", graph="tree", components=5),
     dict(n_vars=9, group="s3", graph="chain", components=3),
     dict(n_vars=10, group="s3", graph="tree", components=2, shuffle=False),
     dict(n_vars=7, group="z2", shuffle=False),
@@ -74,7 +75,7 @@ def test_native_matches_reference_and_text(kwargs):
 
 
 @given(seed=st.integers(0, 2**64 - 1), start=st.integers(0, 2**62), size=st.integers(0, 9),
-       n_vars=st.integers(1, 26), group=st.sampled_from(["z2", "z3", "s3"]), graph=st.sampled_from(["chain", "tree"]),
+       n_vars=st.integers(1, 26), group=st.sampled_from(["z2", "z3", "z4", "z8", "s3"]), graph=st.sampled_from(["chain", "tree"]),
        shuffle=st.booleans(), data=st.data())
 def test_native_matches_reference_hypothesis(seed, start, size, n_vars, group, graph, shuffle, data):
     components = data.draw(st.integers(1, n_vars))

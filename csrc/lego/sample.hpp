@@ -5,7 +5,8 @@
 // Draws, in this order, from CounterStream(seed, index, kLegoDomain):
 //   1. variable names: partial Fisher-Yates over the kVarVocab letters, one uniform_int per variable;
 //   2. tree graphs only: parent of each non-root node i, uniform_int(i);
-//   3. the group element of each clause, uniform_int(n_elements);
+//   3. the group element of each clause: uniform_int(n_elements) each, or, for a group of order 2^b, b-bit fields
+//      of whole draws (the lowest bits first, floor(32 / b) elements per draw);
 //   4. when shuffling: clause order, Fisher-Yates from the last slot down, uniform_int(j + 1).
 #pragma once
 #include <cstdint>
@@ -36,6 +37,14 @@ PHYSAI_HD int64_t tokens_per_sentence(int32_t n_vars) { return int64_t(kTokensPe
 
 // Writes tokens [5n+2], labels/positions/depth [n] of sample `index`. Variables are in graph order: component
 // by component, each root first; a chain's variables follow the chain, a tree's follow node creation order.
+// log2 of a power-of-two group order (1 for Z2), or 0 when the order is not a power of two (or is 1).
+PHYSAI_HD int32_t element_bits(int32_t n_elements) {
+  if (n_elements < 2 || (n_elements & (n_elements - 1)) != 0) return 0;
+  int32_t bits = 0;
+  while ((1 << bits) < n_elements) ++bits;
+  return bits;
+}
+
 // Draws read from `stream` (a CounterStream, or a PrefetchedStream serving the same words).
 template <class Stream>
 PHYSAI_HD void sample_from(const Spec& s, Stream& stream, int64_t* __restrict tokens, int64_t* __restrict labels,
@@ -67,8 +76,21 @@ PHYSAI_HD void sample_from(const Spec& s, Stream& stream, int64_t* __restrict to
     }
   }
 
+  // A group of order 2^b takes its elements as b-bit fields of whole draws (floor(32 / b) per draw): exactly
+  // uniform, and far fewer draws than one uniform_int each.
   int32_t element[kMaxVars];
-  for (int32_t i = 0; i < n; ++i) element[i] = static_cast<int32_t>(stream.uniform_int(static_cast<uint32_t>(s.n_elements)));
+  const int32_t bits = element_bits(s.n_elements);
+  if (bits > 0) {
+    const int32_t per_draw = 32 / bits;
+    const uint32_t mask = (uint32_t(1) << bits) - 1;
+    for (int32_t i = 0; i < n; i += per_draw) {
+      uint32_t word = stream.next_u32();
+      for (int32_t j = i; j < n && j < i + per_draw; ++j, word >>= bits) element[j] = static_cast<int32_t>(word & mask);
+    }
+  } else {
+    for (int32_t i = 0; i < n; ++i)
+      element[i] = static_cast<int32_t>(stream.uniform_int(static_cast<uint32_t>(s.n_elements)));
+  }
 
   int32_t slot[kMaxVars];  // clause slot of the i-th variable in graph order
   for (int32_t i = 0; i < n; ++i) slot[i] = i;
@@ -107,7 +129,10 @@ PHYSAI_HD void sample_from(const Spec& s, Stream& stream, int64_t* __restrict to
 
 // Number of draws a sample makes when no uniform_int rejects (rejections add draws, rarely).
 PHYSAI_HD int32_t typical_draws(const Spec& s) {
-  return s.n_vars + (s.graph == Graph::Tree ? s.n_vars - s.components : 0) + s.n_vars + (s.shuffle ? s.n_vars - 1 : 0);
+  const int32_t bits = element_bits(s.n_elements);
+  const int32_t element_draws = bits > 0 ? (s.n_vars + 32 / bits - 1) / (32 / bits) : s.n_vars;
+  return s.n_vars + (s.graph == Graph::Tree ? s.n_vars - s.components : 0) + element_draws +
+         (s.shuffle ? s.n_vars - 1 : 0);
 }
 
 PHYSAI_HD void sample_one(const Spec& s, uint64_t seed, uint64_t index, int64_t* tokens, int64_t* labels,

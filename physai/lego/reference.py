@@ -27,7 +27,18 @@ def sample_one(task: LegoTask, seed: int, index: int):
         roots = set(np.cumsum([0] + lengths[:-1]).tolist())
         parent = [-1 if i in roots else i - 1 for i in range(n)]
 
-    element = [stream.uniform_int(task.group.order) for _ in range(n)]
+    order = task.group.order
+    if order >= 2 and order & (order - 1) == 0:  # b-bit fields of whole draws, lowest bits first
+        bits = order.bit_length() - 1
+        per_draw = 32 // bits
+        element = []
+        for i in range(0, n, per_draw):
+            word = stream.next_u32()
+            for _ in range(min(per_draw, n - i)):
+                element.append(word & (order - 1))
+                word >>= bits
+    else:
+        element = [stream.uniform_int(order) for _ in range(n)]
 
     slot = list(range(n))
     if task.shuffle:
