@@ -90,3 +90,36 @@ def test_sharpness_physai_fused(benchmark, torch, problem, exact_top):
     benchmark.extra_info["relative_error"] = error
     benchmark.extra_info["hvps"] = int(result.matvecs[0])
     assert result.converged.all() and error < 1e-4
+
+
+# -- sharpness tracked during training --------------------------------------------------------------------------
+RATIOS.append(("1000 full-batch GD steps (E=4, n=500, d=10, m=32, fp64): training alone / training with the sharpness "
+               "tracked every step (goal: tracking costs at most 3x)", "test_train_untracked", "test_train_tracked",
+               1 / 3))
+
+
+def _eos_problem():
+    from physai.experiments.eos import EosConfig, make_task
+    from physai.twolayer import TwoLayer
+
+    config = EosConfig()
+    X, Y = make_task(config)
+    net = TwoLayer(config.d, config.width, 1, "tanh", ensemble=len(config.learning_rates), dtype=np.float64)
+    return net, X, Y, np.array(config.learning_rates)
+
+
+def test_train_untracked(benchmark):
+    def run():
+        net, X, Y, lrs = _eos_problem()
+        return net.train(X, Y, lrs, 1000)
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+
+
+def test_train_tracked(benchmark):
+    def run():
+        net, X, Y, lrs = _eos_problem()
+        return net.train(X, Y, lrs, 1000, track_sharpness_every=1)
+
+    result = benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.extra_info["hvps_per_step"] = float(result.matvecs.mean())

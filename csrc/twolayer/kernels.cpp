@@ -325,11 +325,13 @@ template <class T>
 HessianOperator<T>::HessianOperator(const Net<T>& net, const Targets<T>& targets) : net_(net), targets_(targets) {
   validate(net);
   const int64_t E = net.E, n = net.n, m = net.m, k = net.k;
-  S_.resize(E * n * m); D1_.resize(E * n * m); D2_.resize(E * n * m); dS_.resize(E * n * m);
-  F_.resize(E * n * k); G_.resize(E * n * k); loss_.resize(E);
+  for (auto* cache : {&S_, &D1_, &D2_, &dS_}) cache->reset(new T[E * n * m]);
+  F_.reset(new T[E * n * k]);
+  G_.reset(new T[E * n * k]);
+  loss_.resize(E);
   over_members(E, work_of(net), [&](int64_t e, bool parallel) {
-    T *S = S_.data() + e * n * m, *D1 = D1_.data() + e * n * m, *D2 = D2_.data() + e * n * m;
-    T *F = F_.data() + e * n * k, *G = G_.data() + e * n * k, *dS = dS_.data() + e * n * m;
+    T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *D2 = D2_.get() + e * n * m;
+    T *F = F_.get() + e * n * k, *G = G_.get() + e * n * k, *dS = dS_.get() + e * n * m;
     hidden(net_, e, net_.X_of(e), n, S, D1, D2, parallel);
     gemm(parallel, Trans::No, Trans::Yes, n, k, m, net_.output_scale, S, m, net_.a_of(e), m, T(0), F, k);
     std::vector<T> row_loss(n);
@@ -346,8 +348,8 @@ void HessianOperator<T>::apply_member(int64_t e, const T* v, T* out, bool parall
   const bool bias = net.b != nullptr;
   const T *vW = v, *vb = bias ? v + m * d : nullptr, *va = v + m * d + (bias ? m : 0);
   T *oW = out, *ob = bias ? out + m * d : nullptr, *oa = out + m * d + (bias ? m : 0);
-  const T *S = S_.data() + e * n * m, *D1 = D1_.data() + e * n * m, *D2 = D2_.data() + e * n * m;
-  const T *F = F_.data() + e * n * k, *G = G_.data() + e * n * k, *dS = dS_.data() + e * n * m;
+  const T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *D2 = D2_.get() + e * n * m;
+  const T *F = F_.get() + e * n * k, *G = G_.get() + e * n * k, *dS = dS_.get() + e * n * m;
   const T* Y = targets_.Y_of(e, n, k);
   const T* X = net.X_of(e);
   const T* a = net.a_of(e);
@@ -405,8 +407,8 @@ void HessianOperator<T>::loss_and_grad(T* loss, T* dW, T* db, T* da) const {
   const Net<T>& net = net_;
   const int64_t n = net.n, m = net.m, k = net.k, d = net.d;
   over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
-    const T *S = S_.data() + e * n * m, *D1 = D1_.data() + e * n * m, *dS = dS_.data() + e * n * m;
-    const T* G = G_.data() + e * n * k;
+    const T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *dS = dS_.get() + e * n * m;
+    const T* G = G_.get() + e * n * k;
     std::vector<T> dZ(n * m);
     over_rows(n, parallel, [&](int64_t r) {
       for (int64_t j = 0; j < m; ++j) dZ[r * m + j] = dS[r * m + j] * D1[r * m + j];
