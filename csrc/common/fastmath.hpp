@@ -74,11 +74,6 @@ __attribute__((always_inline)) inline T expm1(T x) {
 }
 
 template <class T>
-__attribute__((always_inline)) inline T exp(T x) {
-  return expm1(x) + T(1);
-}
-
-template <class T>
 __attribute__((always_inline)) inline T tanh(T x) {
   const T em = expm1(T(-2) * std::fabs(x));
   return std::copysign(-em / (T(2) + em), x);
