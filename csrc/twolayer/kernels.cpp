@@ -329,7 +329,13 @@ HessianOperator<T>::HessianOperator(const Net<T>& net, const Targets<T>& targets
   F_.reset(new T[E * n * k]);
   G_.reset(new T[E * n * k]);
   loss_.resize(E);
-  over_members(E, work_of(net), [&](int64_t e, bool parallel) {
+  refresh();
+}
+
+template <class T>
+void HessianOperator<T>::refresh() {
+  const int64_t E = net_.E, n = net_.n, m = net_.m, k = net_.k;
+  over_members(E, work_of(net_), [&](int64_t e, bool parallel) {
     T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *D2 = D2_.get() + e * n * m;
     T *F = F_.get() + e * n * k, *G = G_.get() + e * n * k, *dS = dS_.get() + e * n * m;
     hidden(net_, e, net_.X_of(e), n, S, D1, D2, parallel);
@@ -449,6 +455,7 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
   std::vector<T> dW(E * m * d), db(b ? E * m : 0), da(E * k * m), step_loss(E);
   std::vector<T> eigenvector(tracking.every > 0 ? E * P : 0), top(E);
   std::vector<uint8_t> converged(E);
+  std::unique_ptr<HessianOperator<T>> tracked_operator;
   bool warm = false;
 
   auto update = [&](int64_t e) {
@@ -466,7 +473,11 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
     if (tracking.every > 0 && step % tracking.every == 0) {
       // The operator caches the full-batch forward pass; with full-batch training the step's gradient comes
       // from the same caches, so tracking costs only the HVPs.
-      const HessianOperator<T> op(net, targets);
+      if (!tracked_operator)
+        tracked_operator = std::make_unique<HessianOperator<T>>(net, targets);
+      else
+        tracked_operator->refresh();
+      const HessianOperator<T>& op = *tracked_operator;
       std::vector<uint8_t> diverged(E);
       for (int64_t e = 0; e < E; ++e) diverged[e] = !std::isfinite(double(op.loss(e)));
       // Diverged members see the zero operator: their rows of V and of the product are zeroed.

@@ -66,6 +66,9 @@ template <class T>
 class HessianOperator {
  public:
   HessianOperator(const Net<T>& net, const Targets<T>& targets);
+  // Recomputes the caches at the current values of the parameters the net points to (same shapes, same buffers:
+  // the training loop refreshes one operator instead of allocating a new one at every tracked step).
+  void refresh();
   void apply(const T* V, T* out) const;
   void apply_member(int64_t e, const T* v, T* out, bool inner_parallel) const;
   // The loss [E] and gradients at the operator's parameters, from the cached quantities (one GEMM per member).
