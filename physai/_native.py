@@ -21,7 +21,18 @@ def _preload_openblas() -> None:
     lib_dir = scipy_openblas32.get_lib_dir()
     for name in os.listdir(lib_dir):
         if name.startswith("libscipy_openblas") and ".so" in name:
-            ctypes.CDLL(os.path.join(lib_dir, name), mode=ctypes.RTLD_GLOBAL)
+            # physai calls this BLAS single-threaded only (its OpenMP loops own the cores), so its thread pool is
+            # not started: idle OpenBLAS workers spin for a while after start-up and steal the cores. The variable
+            # is read once, when the library loads; the user's setting is restored right after.
+            previous = os.environ.get("OPENBLAS_NUM_THREADS")
+            os.environ["OPENBLAS_NUM_THREADS"] = "1"
+            try:
+                ctypes.CDLL(os.path.join(lib_dir, name), mode=ctypes.RTLD_GLOBAL)
+            finally:
+                if previous is None:
+                    del os.environ["OPENBLAS_NUM_THREADS"]
+                else:
+                    os.environ["OPENBLAS_NUM_THREADS"] = previous
             return
 
 
