@@ -235,27 +235,43 @@ T loss_tile(Loss loss, const T* F_t, const T* Y_t, int64_t rows, int64_t k, T sc
   return total;
 }
 
-// Forward + loss + backward of one member over rows [0, n) of net (a view, possibly of a mini-batch).
-template <class T>
-T member_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, int64_t e, T* dW, T* db, T* da, bool parallel) {
+// Forward and backward of one member over rows [0, n) of net (a view, possibly of a mini-batch), tile by tile.
+// output_grad(r0, rows, S_t, G_scratch) returns the tile's output gradients [rows, k] (computing them from a loss
+// into G_scratch, or pointing into given ones) and adds to the loss it tracks; dX may be null.
+template <class T, class OutputGrad>
+void member_backward(const Net<T>& net, int64_t e, T* dW, T* db, T* da, T* dX, bool parallel,
+                     OutputGrad&& output_grad) {
   const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
-  std::vector<T> S(tile * m), D1(tile * m), dS(tile * m), F(tile * k), G(tile * k), row_loss(tile);
-  const T scale = loss_scale<T>(loss, n, k);
+  std::vector<T> S(tile * m), D1(tile * m), dS(tile * m), G(tile * k);
   const T* X = net.X_of(e);
-  T total = T(0);
   for (int64_t r0 = 0; r0 < n; r0 += tile) {
     const int64_t rows = std::min(tile, n - r0);
     hidden(net, e, X + r0 * d, rows, S.data(), D1.data(), static_cast<T*>(nullptr), parallel);
-    gemm(parallel, Trans::No, Trans::Yes, rows, k, m, net.output_scale, S.data(), m, net.a_of(e), m, T(0), F.data(), k);
-    total += loss_tile(loss, F.data(), Y + r0 * k, rows, k, scale, G.data(), row_loss.data(), parallel);
-    backward_tile(net, e, X + r0 * d, rows, S.data(), D1.data(), G.data(), r0 == 0, dW, db, da,
-                  static_cast<T*>(nullptr), dS.data(), parallel);
+    const T* G_t = output_grad(r0, rows, static_cast<const T*>(S.data()), G.data());
+    backward_tile(net, e, X + r0 * d, rows, S.data(), D1.data(), G_t, r0 == 0, dW, db, da,
+                  dX ? dX + r0 * d : static_cast<T*>(nullptr), dS.data(), parallel);
   }
-  if (n == 0) {
+  if (n == 0) {  // no tile ran: the gradients of an empty sum
     std::fill(dW, dW + m * d, T(0));
     if (db) std::fill(db, db + m, T(0));
     std::fill(da, da + k * m, T(0));
   }
+}
+
+// Forward + loss + backward of one member; returns its loss.
+template <class T>
+T member_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, int64_t e, T* dW, T* db, T* da, bool parallel) {
+  const int64_t m = net.m, k = net.k, n = net.n, tile = tile_rows<T>(n, m);
+  std::vector<T> F(tile * k), row_loss(tile);
+  const T scale = loss_scale<T>(loss, n, k);
+  T total = T(0);
+  member_backward(net, e, dW, db, da, static_cast<T*>(nullptr), parallel,
+                  [&](int64_t r0, int64_t rows, const T* S_t, T* G_t) {
+                    gemm(parallel, Trans::No, Trans::Yes, rows, k, m, net.output_scale, S_t, m, net.a_of(e), m, T(0),
+                         F.data(), k);
+                    total += loss_tile(loss, F.data(), Y + r0 * k, rows, k, scale, G_t, row_loss.data(), parallel);
+                    return static_cast<const T*>(G_t);
+                  });
   return total;
 }
 
@@ -293,21 +309,10 @@ template <class T>
 void backward(const Net<T>& net, const T* G, T* dW, T* db, T* da, T* dX) {
   validate(net);
   over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
-    const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
-    std::vector<T> S(tile * m), D1(tile * m), dS(tile * m);
-    T *dW_e = dW + e * m * d, *db_e = net.b ? db + e * m : nullptr, *da_e = da + e * k * m;
-    for (int64_t r0 = 0; r0 < n; r0 += tile) {
-      const int64_t rows = std::min(tile, n - r0);
-      const T* X_t = net.X_of(e) + r0 * d;
-      hidden(net, e, X_t, rows, S.data(), D1.data(), static_cast<T*>(nullptr), parallel);
-      backward_tile(net, e, X_t, rows, S.data(), D1.data(), G + (e * n + r0) * k, r0 == 0, dW_e, db_e, da_e,
-                    dX ? dX + (e * n + r0) * d : static_cast<T*>(nullptr), dS.data(), parallel);
-    }
-    if (n == 0) {
-      std::fill(dW_e, dW_e + m * d, T(0));
-      if (db_e) std::fill(db_e, db_e + m, T(0));
-      std::fill(da_e, da_e + k * m, T(0));
-    }
+    const int64_t m = net.m, k = net.k, d = net.d, n = net.n;
+    member_backward(net, e, dW + e * m * d, net.b ? db + e * m : nullptr, da + e * k * m,
+                    dX ? dX + e * n * d : static_cast<T*>(nullptr), parallel,
+                    [&](int64_t r0, int64_t, const T*, T*) { return G + (e * n + r0) * k; });
   });
 }
 
