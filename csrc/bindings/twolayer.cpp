@@ -115,8 +115,11 @@ struct PyHessian {
   py::tuple keep;
   tl::HessianOperator<T> op;
   PyHessian(py::array X, py::array W, std::optional<py::array> b, py::array a, py::array Y, Config config, int loss)
-      : keep(py::make_tuple(X, W, b ? py::object(*b) : py::object(py::none()), a, Y)),
-        op(make_net<T>(X, W, b, a, config), make_targets(make_net<T>(X, W, b, a, config), Y, loss)) {}
+      : PyHessian(py::make_tuple(X, W, b ? py::object(*b) : py::object(py::none()), a, Y),
+                  make_net<T>(X, W, b, a, config), Y, loss) {}
+
+  PyHessian(py::tuple arrays, const tl::Net<T>& net, const py::array& Y, int loss)
+      : keep(std::move(arrays)), op(net, make_targets(net, Y, loss)) {}
 
   py::array_t<T> matvec(py::array V) const {
     const auto& net = op.net();
