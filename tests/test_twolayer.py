@@ -257,3 +257,14 @@ def test_native_layer_rechecks_shapes():
         _core.twolayer.forward_f64(np.zeros((5, 3)), W.astype(np.float32), None, a, config)
     with pytest.raises(ValueError, match="activation"):
         _core.twolayer.forward_f64(np.zeros((5, 3)), W, None, a, _core.twolayer.Config(1.0, 1.0, 99))
+
+
+def test_from_arrays_shares_and_checks_the_arrays():
+    W, a = np.zeros((2, 4, 3)), np.zeros((2, 1, 4))
+    net = TwoLayer.from_arrays(W, None, a, "tanh", "ntk")
+    assert net.W is W and net.b is None and net.num_params == 4 * 3 + 4
+    assert net.scaling.output_scale == pytest.approx(0.5)
+    with pytest.raises(TypeError, match="a: expected dtype float64"):
+        TwoLayer.from_arrays(W, None, a.astype(np.float32))
+    with pytest.raises(ValueError, match="b: expected shape"):
+        TwoLayer.from_arrays(W, np.zeros((2, 5)), a)

@@ -59,6 +59,19 @@ class TwoLayer:
 
     def __init__(self, d: int, m: int, k: int = 1, activation: str = "relu", param: str = "standard",
                  bias: bool = True, ensemble: int = 1, dtype=np.float32, seed: int = 0):
+        self._configure(d, m, k, activation, param, bias, ensemble, dtype)
+        seed = check_seed(seed)
+        W, a = [], []
+        for e in range(self.ensemble):
+            rng = np.random.default_rng([seed, e])
+            W.append(rng.standard_normal((self.m, self.d)) * self.scaling.std_W)
+            a.append(rng.standard_normal((self.k, self.m)) * self.scaling.std_a)
+        self.W = np.ascontiguousarray(W, dtype=self.dtype)
+        self.a = np.ascontiguousarray(a, dtype=self.dtype)
+        self.b = np.zeros((self.ensemble, self.m), dtype=self.dtype) if bias else None
+
+    def _configure(self, d, m, k, activation, param, bias, ensemble, dtype) -> None:
+        """Checked sizes, names and dtype, and the parameterization's scaling (no parameters)."""
         self.d = check_int(d, "d", min=1)
         self.m = check_int(m, "m", min=1)
         self.k = check_int(k, "k", min=1)
@@ -69,15 +82,20 @@ class TwoLayer:
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias: expected a bool, got {type(bias).__name__}")
         self.scaling = scaling(self.param, self.d, self.m)
-        seed = check_seed(seed)
-        W, a = [], []
-        for e in range(self.ensemble):
-            rng = np.random.default_rng([seed, e])
-            W.append(rng.standard_normal((self.m, self.d)) * self.scaling.std_W)
-            a.append(rng.standard_normal((self.k, self.m)) * self.scaling.std_a)
-        self.W = np.ascontiguousarray(W, dtype=self.dtype)
-        self.a = np.ascontiguousarray(a, dtype=self.dtype)
-        self.b = np.zeros((self.ensemble, self.m), dtype=self.dtype) if bias else None
+
+    @classmethod
+    def from_arrays(cls, W: np.ndarray, b: np.ndarray | None, a: np.ndarray, activation: str = "relu",
+                    param: str = "standard") -> "TwoLayer":
+        """A model around existing parameter arrays (shared, not copied): W [E, m, d], b [E, m] or None,
+        a [E, k, m], all float32 or all float64 and C-contiguous."""
+        check_array(W, "W", ndim=3)
+        E, m, d = W.shape
+        check_array(a, "a", dtype=W.dtype, ndim=3)
+        model = cls.__new__(cls)
+        model._configure(d, m, a.shape[1], activation, param, b is not None, E, W.dtype)
+        model.W, model.b, model.a = W, b, a
+        model._check_params()
+        return model
 
     # -- plumbing -----------------------------------------------------------------------------------------------
     @property

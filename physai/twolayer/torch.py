@@ -222,15 +222,9 @@ class TwoLayerModule(torch.nn.Module):
         ``named_parameters`` order (W, b, a)."""
         from physai.twolayer.model import TwoLayer
 
-        single = self.W.dim() == 2
-        up = (lambda t: t.unsqueeze(0)) if single else (lambda t: t)
-        dtype = np.float32 if self.W.dtype == torch.float32 else np.float64
-        net = TwoLayer.__new__(TwoLayer)
-        net.d, net.m, net.k = self.W.shape[-1], self.W.shape[-2], self.a.shape[-2]
-        net.activation, net.param, net.scaling, net.dtype = self.activation, self.param, self.scaling, np.dtype(dtype)
-        net.ensemble = 1 if single else self.W.shape[0]
-        net.W, net.a = _view(up(self.W), "W"), _view(up(self.a), "a")
-        net.b = None if self.b is None else _view(up(self.b), "b")
+        ensemble = _Ensemble(self.W)
+        net = TwoLayer.from_arrays(_view(ensemble.up(self.W, 2), "W"), _view(ensemble.up(self.b, 1), "b"),
+                                   _view(ensemble.up(self.a, 2), "a"), self.activation, self.param)
         return net.sharpness(_view(X, "X"), _view(Y, "Y"), loss=loss, **options)
 
     def extra_repr(self) -> str:
