@@ -435,15 +435,22 @@ void HessianOperator<T>::loss_and_grad(T* loss, T* dW, T* db, T* da) const {
   });
 }
 
+// Lanczos (k pairs) or power iteration (the dominant pair) from csrc/spectrum on a batched matvec.
+template <class T, class MatVec>
+void eigensolve(bool use_lanczos, MatVec&& matvec, int64_t E, int64_t P, const spectrum::Options& options, const T* v0,
+                T* values, T* vectors, int64_t* matvecs, uint8_t* converged) {
+  if (use_lanczos)
+    spectrum::lanczos<T>(matvec, E, P, options, v0, values, vectors, matvecs, converged);
+  else
+    spectrum::power_iteration<T>(matvec, E, P, options, v0, values, vectors, matvecs, converged);
+}
+
 template <class T>
 void hessian_eigs(const Net<T>& net, const Targets<T>& targets, const spectrum::Options& options, bool use_lanczos,
                   const T* v0, T* values, T* vectors, int64_t* matvecs, uint8_t* converged) {
   const HessianOperator<T> op(net, targets);
-  auto matvec = [&op](const T* V, T* out) { op.apply(V, out); };
-  if (use_lanczos)
-    spectrum::lanczos<T>(matvec, net.E, net.params(), options, v0, values, vectors, matvecs, converged);
-  else
-    spectrum::power_iteration<T>(matvec, net.E, net.params(), options, v0, values, vectors, matvecs, converged);
+  eigensolve(use_lanczos, [&op](const T* V, T* out) { op.apply(V, out); }, net.E, net.params(), options, v0, values,
+             vectors, matvecs, converged);
 }
 
 template <class T>
@@ -457,7 +464,7 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
   const int64_t E = net.E, n = net.n, m = net.m, k = net.k, d = net.d, P = net.params();
   const int64_t batch = schedule.batch_size > 0 ? std::min(schedule.batch_size, n) : n;
   const int64_t blocks = batch > 0 ? (n + batch - 1) / batch : 1;
-  std::vector<T> dW(E * m * d), db(b ? E * m : 0), da(E * k * m), step_loss(E);
+  std::vector<T> dW(E * m * d), db(b ? E * m : 0), da(E * k * m);
   std::vector<T> eigenvector(tracking.every > 0 ? E * P : 0), top(E);
   std::vector<uint8_t> converged(E);
   std::unique_ptr<HessianOperator<T>> tracked_operator;
@@ -500,13 +507,8 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
           if (diverged[e] || !std::all_of(eigenvector.begin() + e * P, eigenvector.begin() + (e + 1) * P,
                                           [](T x) { return std::isfinite(double(x)); }))
             std::fill(eigenvector.begin() + e * P, eigenvector.begin() + (e + 1) * P, T(1));
-      T* v0 = warm ? eigenvector.data() : nullptr;
-      if (tracking.use_lanczos)
-        spectrum::lanczos<T>(matvec, E, P, tracking.options, v0, top.data(), eigenvector.data(),
-                             tracking.matvecs + row * E, converged.data());
-      else
-        spectrum::power_iteration<T>(matvec, E, P, tracking.options, v0, top.data(), eigenvector.data(),
-                                     tracking.matvecs + row * E, converged.data());
+      eigensolve(tracking.use_lanczos, matvec, E, P, tracking.options, warm ? eigenvector.data() : nullptr, top.data(),
+                 eigenvector.data(), tracking.matvecs + row * E, converged.data());
       warm = true;
       for (int64_t e = 0; e < E; ++e)
         tracking.sharpness[row * E + e] = diverged[e] ? std::numeric_limits<T>::quiet_NaN() : top[e];

@@ -14,6 +14,8 @@ first for the Hessian of the deterministic network. Buffers (e.g. running statis
 """
 from __future__ import annotations
 
+import sys
+
 import math
 
 import numpy as np
@@ -120,7 +122,7 @@ def _fused_two_layer(model, loss_fn, data):
     """(X, Y) when ``model`` is physai's TwoLayerModule and ``loss_fn`` names one of its fused losses: then the
     native fused HVP serves the solver. A TwoLayerModule with a torch loss callable is refused (its autograd
     Function has no torch.func rules)."""
-    if "physai.twolayer.torch" not in __import__("sys").modules:
+    if "physai.twolayer.torch" not in sys.modules:  # no TwoLayerModule can exist before that module is imported
         return None
     from physai.twolayer.params import LOSSES
     from physai.twolayer.torch import TwoLayerModule
