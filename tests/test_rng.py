@@ -32,6 +32,16 @@ def test_stream_native_matches_python(seed, sample, domain):
     assert _core.rng.stream_u32(seed, sample, domain, 11).tolist() == expected
 
 
+@given(seed=u64, first=st.sampled_from([0, 5, 2**32 - 20, 2**64 - 40]), count=st.integers(0, 37),
+       blocks=st.integers(1, 3))
+def test_vectorised_blocks_match_python(seed, first, count, blocks):
+    # The batch generators' prefetch: 16-, 8- and 1-sample code paths, samples crossing a 32-bit boundary.
+    got = _core.rng.stream_blocks(seed, first, count, 9, blocks)
+    for j in range(count):
+        stream = CounterStream(seed, first + j, 9)
+        assert got[j].tolist() == [stream.next_u32() for _ in range(4 * blocks)]
+
+
 @given(seed=u64, sample=st.integers(0, 2**40), n=st.integers(1, 2**32 - 1))
 def test_uniform_int_native_matches_python(seed, sample, n):
     stream = CounterStream(seed, sample, 3)

@@ -5,6 +5,7 @@
 
 #include <array>
 
+#include "common/errors.hpp"
 #include "common/philox.hpp"
 
 namespace py = pybind11;
@@ -28,4 +29,10 @@ void bind_rng(py::module_& m) {
     for (int64_t j = 0; j < count; ++j) data[j] = stream.uniform_int(n);
     return out;
   }, py::arg("seed"), py::arg("sample"), py::arg("domain"), py::arg("n"), py::arg("count"));
+  m.def("stream_blocks", [](uint64_t seed, uint64_t first, int64_t count, uint32_t domain, uint32_t blocks) {
+    if (count < 0) physai::fail_value("count: expected >= 0, got ", count);
+    py::array_t<uint32_t> out({count, int64_t(4) * blocks});
+    physai::philox_stream_blocks(seed, first, count, domain, blocks, out.mutable_data());
+    return out;
+  }, py::arg("seed"), py::arg("first"), py::arg("count"), py::arg("domain"), py::arg("blocks"));
 }

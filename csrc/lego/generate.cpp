@@ -16,6 +16,8 @@ void generate(const Spec& spec, uint64_t seed, uint64_t start, int64_t batch, in
   const int64_t row = tokens_per_sentence(spec.n_vars), n = spec.n_vars;
   // Chunks of samples amortise the per-iteration scheduling cost; the output of a sample never depends on them.
   constexpr int64_t kChunk = 128;
+  // Sentences whose values are resolved side by side (see resolve).
+  constexpr int kGroup = 4;
   const int64_t chunks = (batch + kChunk - 1) / kChunk;
   // The random words of a chunk are made first, vectorised across samples, then consumed sample by sample.
   const uint32_t blocks = static_cast<uint32_t>((typical_draws(spec) + 3) / 4);
@@ -23,10 +25,22 @@ void generate(const Spec& spec, uint64_t seed, uint64_t start, int64_t batch, in
     uint32_t words[kChunk * 4 * ((3 * kMaxVars + 3) / 4)];
     const int64_t first = c * kChunk, count = first + kChunk < batch ? kChunk : batch - first;
     philox_stream_blocks(seed, start + static_cast<uint64_t>(first), count, kLegoDomain, blocks, words);
-    for (int64_t j = 0; j < count; ++j) {
-      const int64_t b = first + j;
-      PrefetchedStream stream(words + j * 4 * blocks, blocks, seed, start + static_cast<uint64_t>(b), kLegoDomain);
-      sample_from(spec, stream, tokens + b * row, labels + b * n, positions + b * n, depth + b * n);
+    for (int64_t g0 = 0; g0 < count; g0 += kGroup) {
+      const int64_t members = g0 + kGroup < count ? kGroup : count - g0;
+      Draws draws[kGroup];
+      int32_t value[kGroup][kMaxVars], level[kGroup][kMaxVars];
+      for (int64_t g = 0; g < members; ++g) {
+        const int64_t j = g0 + g;
+        PrefetchedStream stream(words + j * 4 * blocks, blocks, seed, start + static_cast<uint64_t>(first + j), kLegoDomain);
+        draw(spec, stream, draws[g]);
+      }
+      // A short last group repeats its first sentence in the unused places; their results are not written.
+      for (int64_t g = members; g < kGroup; ++g) draws[g] = draws[0];
+      resolve<kGroup>(spec, draws, value, level);
+      for (int64_t g = 0; g < members; ++g) {
+        const int64_t b = first + g0 + g;
+        write(spec, draws[g], value[g], level[g], tokens + b * row, labels + b * n, positions + b * n, depth + b * n);
+      }
     }
   });
 }

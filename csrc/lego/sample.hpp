@@ -35,8 +35,6 @@ struct Spec {
 
 PHYSAI_HD int64_t tokens_per_sentence(int32_t n_vars) { return int64_t(kTokensPerClause) * n_vars + 2; }
 
-// Writes tokens [5n+2], labels/positions/depth [n] of sample `index`. Variables are in graph order: component
-// by component, each root first; a chain's variables follow the chain, a tree's follow node creation order.
 // log2 of a power-of-two group order (1 for Z2), or 0 when the order is not a power of two (or is 1).
 PHYSAI_HD int32_t element_bits(int32_t n_elements) {
   if (n_elements < 2 || (n_elements & (n_elements - 1)) != 0) return 0;
@@ -45,20 +43,28 @@ PHYSAI_HD int32_t element_bits(int32_t n_elements) {
   return bits;
 }
 
-// Draws read from `stream` (a CounterStream, or a PrefetchedStream serving the same words).
+// The random choices of one sentence: variable names, graph, clause elements and clause order.
+struct Draws {
+  uint8_t names[kVarVocab];
+  int32_t parent[kMaxVars];   // -1 for a root
+  int32_t element[kMaxVars];  // the group element of each clause
+  int32_t slot[kMaxVars];     // clause slot of the i-th variable in graph order
+};
+
+// The draws of one sentence from `stream` (a CounterStream, or a PrefetchedStream serving the same words), in the
+// order listed at the top of this file.
 template <class Stream>
-PHYSAI_HD void sample_from(const Spec& s, Stream& stream, int64_t* __restrict tokens, int64_t* __restrict labels,
-                           int64_t* __restrict positions, int64_t* __restrict depth) {
+PHYSAI_HD void draw(const Spec& s, Stream& stream, Draws& out) {
   const int32_t n = s.n_vars;
 
-  uint8_t names[kVarVocab];
+  uint8_t* names = out.names;
   for (int32_t i = 0; i < kVarVocab; ++i) names[i] = static_cast<uint8_t>(i);
   for (int32_t i = 0; i < n; ++i) {
     const int32_t j = i + static_cast<int32_t>(stream.uniform_int(static_cast<uint32_t>(kVarVocab - i)));
     const uint8_t t = names[i]; names[i] = names[j]; names[j] = t;
   }
 
-  int32_t parent[kMaxVars];
+  int32_t* parent = out.parent;
   if (s.graph == Graph::Tree) {
     for (int32_t i = 0; i < n; ++i)
       parent[i] = i < s.components ? -1 : static_cast<int32_t>(stream.uniform_int(static_cast<uint32_t>(i)));
@@ -78,7 +84,7 @@ PHYSAI_HD void sample_from(const Spec& s, Stream& stream, int64_t* __restrict to
 
   // A group of order 2^b takes its elements as b-bit fields of whole draws (floor(32 / b) per draw): exactly
   // uniform, and far fewer draws than one uniform_int each.
-  int32_t element[kMaxVars];
+  int32_t* element = out.element;
   const int32_t bits = element_bits(s.n_elements);
   if (bits > 0) {
     const int32_t per_draw = 32 / bits;
@@ -92,7 +98,7 @@ PHYSAI_HD void sample_from(const Spec& s, Stream& stream, int64_t* __restrict to
       element[i] = static_cast<int32_t>(stream.uniform_int(static_cast<uint32_t>(s.n_elements)));
   }
 
-  int32_t slot[kMaxVars];  // clause slot of the i-th variable in graph order
+  int32_t* slot = out.slot;
   for (int32_t i = 0; i < n; ++i) slot[i] = i;
   if (s.shuffle) {
     for (int32_t j = n - 1; j > 0; --j) {
@@ -100,28 +106,44 @@ PHYSAI_HD void sample_from(const Spec& s, Stream& stream, int64_t* __restrict to
       const int32_t t = slot[j]; slot[j] = slot[r]; slot[r] = t;
     }
   }
+}
 
-  // Parents precede children in graph order, so one forward pass resolves every value and depth. Token ids
-  // are copied to locals: the int64 output stores could otherwise alias them and force reloads.
-  const int64_t tok_eq = s.tok_eq, tok_comma = s.tok_comma, tok_base = s.tok_base, tok_element0 = s.tok_element0,
-                tok_var0 = s.tok_var0;
+// Values and depths of `Group` sentences at once. Parents precede children in graph order, so one forward pass
+// resolves each sentence; its table lookups form a chain of dependent loads, and stepping several sentences side
+// by side lets those chains overlap (the batch generator resolves groups of sentences, a single sentence is Group 1).
+template <int Group>
+PHYSAI_HD void resolve(const Spec& s, const Draws* draws, int32_t (*value)[kMaxVars], int32_t (*level)[kMaxVars]) {
   const int32_t n_elements = s.n_elements;
   const int32_t* __restrict table = s.table;
-  int32_t value[kMaxVars], level[kMaxVars];
+  for (int32_t i = 0; i < s.n_vars; ++i) {
+    for (int g = 0; g < Group; ++g) {
+      const int32_t p = draws[g].parent[i], e = draws[g].element[i];
+      value[g][i] = p < 0 ? e : table[e * n_elements + value[g][p]];
+      level[g][i] = p < 0 ? 0 : level[g][p] + 1;
+    }
+  }
+}
+
+// Writes tokens [5n+2], labels/positions/depth [n] of one sentence. Token ids are copied to locals: the int64
+// output stores could otherwise alias them and force reloads.
+PHYSAI_HD void write(const Spec& s, const Draws& draws, const int32_t* value, const int32_t* level,
+                     int64_t* __restrict tokens, int64_t* __restrict labels, int64_t* __restrict positions,
+                     int64_t* __restrict depth) {
+  const int32_t n = s.n_vars;
+  const int64_t tok_eq = s.tok_eq, tok_comma = s.tok_comma, tok_base = s.tok_base, tok_element0 = s.tok_element0,
+                tok_var0 = s.tok_var0;
   tokens[0] = s.tok_cls;
   for (int32_t i = 0; i < n; ++i) {
-    const int32_t p = parent[i];
-    value[i] = p < 0 ? element[i] : table[element[i] * n_elements + value[p]];
-    level[i] = p < 0 ? 0 : level[p] + 1;
-    const int64_t at = 1 + int64_t(kTokensPerClause) * slot[i];
+    const int32_t p = draws.parent[i];
+    const int64_t at = 1 + int64_t(kTokensPerClause) * draws.slot[i];
     labels[i] = value[i];
     depth[i] = level[i];
     positions[i] = at;
     int64_t* __restrict clause = tokens + at;
-    clause[0] = tok_var0 + names[i];
+    clause[0] = tok_var0 + draws.names[i];
     clause[1] = tok_eq;
-    clause[2] = tok_element0 + element[i];
-    clause[3] = p < 0 ? tok_base : tok_var0 + names[p];
+    clause[2] = tok_element0 + draws.element[i];
+    clause[3] = p < 0 ? tok_base : tok_var0 + draws.names[p];
     clause[4] = tok_comma;
   }
   tokens[1 + int64_t(kTokensPerClause) * n] = s.tok_sep;
@@ -135,10 +157,16 @@ PHYSAI_HD int32_t typical_draws(const Spec& s) {
          (s.shuffle ? s.n_vars - 1 : 0);
 }
 
+// Writes tokens [5n+2], labels/positions/depth [n] of sample `index`. Variables are in graph order: component
+// by component, each root first; a chain's variables follow the chain, a tree's follow node creation order.
 PHYSAI_HD void sample_one(const Spec& s, uint64_t seed, uint64_t index, int64_t* tokens, int64_t* labels,
                           int64_t* positions, int64_t* depth) {
   CounterStream stream(seed, index, kLegoDomain);
-  sample_from(s, stream, tokens, labels, positions, depth);
+  Draws draws;
+  draw(s, stream, draws);
+  int32_t value[1][kMaxVars], level[1][kMaxVars];
+  resolve<1>(s, &draws, value, level);
+  write(s, draws, value[0], level[0], tokens, labels, positions, depth);
 }
 
 }  // namespace physai::lego
