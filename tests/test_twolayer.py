@@ -105,10 +105,34 @@ def test_hvp_matches_torch_func_forward_over_reverse():
     assert_close(net.hvp(X, Y, v, "cross_entropy"), [e.numpy() for e in expected], np.float64)
 
 
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_lone_member_row_blocks_match_reference(activation, loss):
+    # A lone small member runs fixed row blocks in parallel and sums their gradients (and HVPs) in block order; the
+    # last block here is short. Training a lone member takes the same path, with full and mini-batches.
+    net, X, Y, v = make_problem(activation, loss, "mup", E=1, n=300, d=6, m=9, k=3)
+    p = net.reference_params()
+    value, grads = net.loss_and_grad(X, Y, loss)
+    ref_value, ref_grads = R.loss_and_grad(p, X, Y, loss)
+    np.testing.assert_allclose(value, ref_value, **TOL[np.float64])
+    assert_close(grads, ref_grads, np.float64)
+    assert_close(net.hvp(X, Y, v, loss), R.hvp(p, X, Y, v, loss), np.float64)
+    start = p._replace(W=p.W.copy(), b=p.b.copy(), a=p.a.copy())
+    s = net.scaling
+    for batch_size in (None, 150):
+        losses = net.train(X, Y, 0.1, steps=5, loss=loss, batch_size=batch_size).losses
+        ref_losses, final = R.train(start, X, Y, loss, np.array([0.1]), (s.lr_W, s.lr_b, s.lr_a), 5,
+                                    batch_size=batch_size or 0)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-10)
+        assert_close((net.W, net.b, net.a), (final.W, final.b, final.a), np.float64)
+        start = final
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_results_do_not_depend_on_thread_count(dtype):
-    # one member with several row tiles (multithreaded BLAS + row-parallel loops) and an ensemble (member-parallel)
-    for E, n, m in ((1, 700, 300), (5, 300, 40)):
+    # a lone small member (parallel row blocks), a lone larger one (each GEMM split into fixed blocks, row-parallel
+    # loops) and an ensemble (member-parallel)
+    for E, n, m in ((1, 700, 300), (1, 4000, 480), (5, 300, 40)):
         net, X, Y, v = make_problem("gelu", "mse", "ntk", dtype, E=E, n=n, d=33, m=m, k=2)
         results = []
         for threads in (1, 2):

@@ -14,6 +14,16 @@ using blas::Trans;
 
 namespace {
 
+// Hot loops are compiled for AVX-512 and AVX2/FMA CPUs as well as the baseline, picked at load time; the bits depend on
+// the CPU (vector width), never on the thread count.
+#define PHYSAI_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+// Scratch that every kernel writes before it reads: left uninitialised (a zero fill would cost a pass over it).
+template <class T>
+std::unique_ptr<T[]> scratch(int64_t count) {
+  return std::unique_ptr<T[]>(new T[count]);
+}
+
 // Rows per tile: Z, S and sigma' of a tile (3 m values per row) should stay within ~1 MiB of cache, but tiles shorter
 // than 256 rows make the weight-gradient GEMMs thin and re-read dW too often.
 template <class T>
@@ -49,6 +59,16 @@ void over_rows(int64_t rows, bool parallel, Body&& body) {
   } else {
     for (int64_t r = 0; r < rows; ++r) body(r);
   }
+}
+
+// body(first_row, count) over blocks of rows: each parallel task large enough to vectorise and amortise its dispatch.
+template <class Body>
+void over_row_blocks(int64_t rows, bool parallel, Body&& body) {
+  constexpr int64_t kRowsPerTask = 16;
+  over_rows((rows + kRowsPerTask - 1) / kRowsPerTask, parallel, [&](int64_t block) {
+    const int64_t r0 = block * kRowsPerTask;
+    body(r0, std::min(kRowsPerTask, rows - r0));
+  });
 }
 
 // GEMMs with a dimension of at most kSmallDim (the k outputs of the network) are memory-bound outer products or
@@ -91,13 +111,13 @@ __attribute__((always_inline)) inline void small_gemm_impl(Trans ta, Trans tb, i
   }
 }
 
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+PHYSAI_VECTOR_CLONES
 void small_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   small_gemm_impl(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+PHYSAI_VECTOR_CLONES
 void small_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
                 const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
   small_gemm_impl(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -166,14 +186,61 @@ __attribute__((always_inline)) inline void activate_row_any(Activation act, int6
   }
 }
 
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+PHYSAI_VECTOR_CLONES
 void activate_rows(Activation act, int64_t rows, int64_t m, float* z, const float* b, float* D1, float* D2) {
   for (int64_t r = 0; r < rows; ++r) activate_row_any(act, m, z + r * m, b, D1 + r * m, D2 ? D2 + r * m : nullptr);
 }
 
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+PHYSAI_VECTOR_CLONES
 void activate_rows(Activation act, int64_t rows, int64_t m, double* z, const double* b, double* D1, double* D2) {
   for (int64_t r = 0; r < rows; ++r) activate_row_any(act, m, z + r * m, b, D1 + r * m, D2 ? D2 + r * m : nullptr);
+}
+
+// out = a * b elementwise (the chain rule through sigma': dZ = dS sigma').
+PHYSAI_VECTOR_CLONES void multiply(int64_t count, const float* a, const float* b, float* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) out[i] = a[i] * b[i];
+}
+PHYSAI_VECTOR_CLONES void multiply(int64_t count, const double* a, const double* b, double* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) out[i] = a[i] * b[i];
+}
+
+// The R-operator through the activation, over `rows` rows of width m: R{Z} += vb (when given); R{S} = sigma' R{Z}.
+template <class T>
+__attribute__((always_inline)) inline void r_activation_impl(int64_t rows, int64_t m, const T* vb, const T* D1, T* RZ,
+                                                             T* RS) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (vb) {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) RZ[r * m + j] += vb[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) RS[r * m + j] = D1[r * m + j] * RZ[r * m + j];
+  }
+}
+PHYSAI_VECTOR_CLONES void r_activation(int64_t rows, int64_t m, const float* vb, const float* D1, float* RZ, float* RS) {
+  r_activation_impl(rows, m, vb, D1, RZ, RS);
+}
+PHYSAI_VECTOR_CLONES void r_activation(int64_t rows, int64_t m, const double* vb, const double* D1, double* RZ,
+                                       double* RS) {
+  r_activation_impl(rows, m, vb, D1, RZ, RS);
+}
+
+// R{dZ} = R{dS} sigma' + dS sigma'' R{Z}, in place of R{dS}.
+template <class T>
+__attribute__((always_inline)) inline void r_backward_impl(int64_t count, const T* D1, const T* dS, const T* D2,
+                                                           const T* RZ, T* RdZ) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) RdZ[i] = RdZ[i] * D1[i] + dS[i] * D2[i] * RZ[i];
+}
+PHYSAI_VECTOR_CLONES void r_backward(int64_t count, const float* D1, const float* dS, const float* D2, const float* RZ,
+                                     float* RdZ) {
+  r_backward_impl(count, D1, dS, D2, RZ, RdZ);
+}
+PHYSAI_VECTOR_CLONES void r_backward(int64_t count, const double* D1, const double* dS, const double* D2,
+                                     const double* RZ, double* RdZ) {
+  r_backward_impl(count, D1, dS, D2, RZ, RdZ);
 }
 
 // Z = input_scale * X_t W^T + b, then S = sigma(Z) in place of Z; D1 = sigma'(Z) and D2 = sigma''(Z) (if non-null).
@@ -183,10 +250,7 @@ void hidden(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, T* S, T* D
   gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, net.W_of(e), d, T(0), S, m);
   const std::vector<T> zeros(net.b ? 0 : m, T(0));
   const T* b = net.b ? net.b_of(e) : zeros.data();
-  // Blocks of rows keep each parallel task large enough to vectorise and amortise its dispatch.
-  constexpr int64_t kRowsPerTask = 16;
-  over_rows((rows + kRowsPerTask - 1) / kRowsPerTask, parallel, [&](int64_t block) {
-    const int64_t r0 = block * kRowsPerTask, count = std::min(kRowsPerTask, rows - r0);
+  over_row_blocks(rows, parallel, [&](int64_t r0, int64_t count) {
     activate_rows(net.activation, count, m, S + r0 * m, b, D1 + r0 * m, D2 ? D2 + r0 * m : nullptr);
   });
 }
@@ -207,8 +271,8 @@ void backward_tile(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, con
   const T beta = first ? T(0) : T(1);
   gemm(parallel, Trans::Yes, Trans::No, k, m, rows, net.output_scale, G_t, k, S, m, beta, da, m);
   gemm(parallel, Trans::No, Trans::No, rows, m, k, net.output_scale, G_t, k, net.a_of(e), m, T(0), dS, m);
-  over_rows(rows, parallel, [&](int64_t r) {
-    for (int64_t j = 0; j < m; ++j) D1[r * m + j] *= dS[r * m + j];
+  over_row_blocks(rows, parallel, [&](int64_t r0, int64_t count) {
+    multiply(count * m, D1 + r0 * m, dS + r0 * m, D1 + r0 * m);
   });
   gemm(parallel, Trans::Yes, Trans::No, m, d, rows, net.input_scale, D1, m, X_t, d, beta, dW, d);
   if (db) {
@@ -242,14 +306,14 @@ template <class T, class OutputGrad>
 void member_backward(const Net<T>& net, int64_t e, T* dW, T* db, T* da, T* dX, bool parallel,
                      OutputGrad&& output_grad) {
   const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
-  std::vector<T> S(tile * m), D1(tile * m), dS(tile * m), G(tile * k);
+  const auto S = scratch<T>(tile * m), D1 = scratch<T>(tile * m), dS = scratch<T>(tile * m), G = scratch<T>(tile * k);
   const T* X = net.X_of(e);
   for (int64_t r0 = 0; r0 < n; r0 += tile) {
     const int64_t rows = std::min(tile, n - r0);
-    hidden(net, e, X + r0 * d, rows, S.data(), D1.data(), static_cast<T*>(nullptr), parallel);
-    const T* G_t = output_grad(r0, rows, static_cast<const T*>(S.data()), G.data());
-    backward_tile(net, e, X + r0 * d, rows, S.data(), D1.data(), G_t, r0 == 0, dW, db, da,
-                  dX ? dX + r0 * d : static_cast<T*>(nullptr), dS.data(), parallel);
+    hidden(net, e, X + r0 * d, rows, S.get(), D1.get(), static_cast<T*>(nullptr), parallel);
+    const T* G_t = output_grad(r0, rows, static_cast<const T*>(S.get()), G.get());
+    backward_tile(net, e, X + r0 * d, rows, S.get(), D1.get(), G_t, r0 == 0, dW, db, da,
+                  dX ? dX + r0 * d : static_cast<T*>(nullptr), dS.get(), parallel);
   }
   if (n == 0) {  // no tile ran: the gradients of an empty sum
     std::fill(dW, dW + m * d, T(0));
@@ -258,20 +322,84 @@ void member_backward(const Net<T>& net, int64_t e, T* dW, T* db, T* da, T* dX, b
   }
 }
 
-// Forward + loss + backward of one member; returns its loss.
+// Forward + loss + backward of one member; returns its loss. The loss is a mean over `mean_rows` rows (net.n, unless
+// net is a block of a larger batch).
 template <class T>
-T member_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, int64_t e, T* dW, T* db, T* da, bool parallel) {
-  const int64_t m = net.m, k = net.k, n = net.n, tile = tile_rows<T>(n, m);
-  std::vector<T> F(tile * k), row_loss(tile);
-  const T scale = loss_scale<T>(loss, n, k);
+T member_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, int64_t e, T* dW, T* db, T* da, bool parallel,
+                       int64_t mean_rows) {
+  const int64_t m = net.m, k = net.k, tile = tile_rows<T>(net.n, m);
+  const auto F = scratch<T>(tile * k), row_loss = scratch<T>(tile);
+  const T scale = loss_scale<T>(loss, mean_rows, k);
   T total = T(0);
   member_backward(net, e, dW, db, da, static_cast<T*>(nullptr), parallel,
                   [&](int64_t r0, int64_t rows, const T* S_t, T* G_t) {
                     gemm(parallel, Trans::No, Trans::Yes, rows, k, m, net.output_scale, S_t, m, net.a_of(e), m, T(0),
-                         F.data(), k);
-                    total += loss_tile(loss, F.data(), Y + r0 * k, rows, k, scale, G_t, row_loss.data(), parallel);
+                         F.get(), k);
+                    total += loss_tile(loss, F.get(), Y + r0 * k, rows, k, scale, G_t, row_loss.get(), parallel);
                     return static_cast<const T*>(G_t);
                   });
+  return total;
+}
+
+// Rows r0 .. r0+rows of member e, as a one-member net with a shared X.
+template <class T>
+Net<T> row_view(const Net<T>& net, int64_t e, int64_t r0, int64_t rows) {
+  Net<T> view = net;
+  view.E = 1;
+  view.n = rows;
+  view.x_shared = true;
+  view.X = net.X_of(e) + r0 * net.d;
+  view.W = net.W_of(e);
+  view.b = net.b_of(e);
+  view.a = net.a_of(e);
+  return view;
+}
+
+// A lone small member is cut into fixed blocks of rows that run in parallel, each computing its whole forward and
+// backward pass into a gradient of its own; the blocks' gradients are then summed in block order. One fork/join per
+// call instead of one per GEMM, and the cut depends only on the shapes, so the bits do not depend on the thread count.
+// Larger members (work_of above kBlockedWork) split each GEMM instead (over_members), which needs no per-block
+// gradient buffers.
+constexpr int64_t kBlockRows = 128;
+constexpr int64_t kBlockedWork = int64_t(1) << 26;
+
+// members: how many members the call has (blocks are for a lone member); member: the one-member net (or view).
+template <class T>
+bool use_row_blocks(int64_t members, const Net<T>& member) {
+  return members == 1 && member.n > kBlockRows && work_of(member) < kBlockedWork;
+}
+
+// contribution(r0, rows, partial) writes the P-vector of rows r0 .. r0+rows (a block) into partial; out receives the
+// blocks' vectors summed in block order.
+template <class T, class Contribution>
+void sum_over_row_blocks(int64_t n, int64_t P, T* out, Contribution&& contribution) {
+  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  const auto partial = scratch<T>(blocks * P);
+  parallel_for(blocks, [&](int64_t block) {
+    const int64_t r0 = block * kBlockRows;
+    contribution(r0, std::min(kBlockRows, n - r0), partial.get() + block * P);
+  });
+  std::copy(partial.get(), partial.get() + P, out);
+  for (int64_t block = 1; block < blocks; ++block) {
+    const T* g = partial.get() + block * P;
+#pragma omp simd
+    for (int64_t i = 0; i < P; ++i) out[i] += g[i];
+  }
+}
+
+template <class T>
+T blocked_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, T* dW, T* db, T* da) {
+  const int64_t n = net.n, m = net.m, d = net.d, k = net.k, P = net.params(), b_size = net.b ? m : 0;
+  const auto grad = scratch<T>(P), block_loss = scratch<T>((n + kBlockRows - 1) / kBlockRows);
+  sum_over_row_blocks(n, P, grad.get(), [&](int64_t r0, int64_t rows, T* g) {
+    block_loss[r0 / kBlockRows] = member_loss_and_grad(row_view(net, 0, r0, rows), Y + r0 * k, loss, 0, g,
+                                                       net.b ? g + m * d : nullptr, g + m * d + b_size, false, n);
+  });
+  T total = T(0);
+  for (int64_t block = 0; block * kBlockRows < n; ++block) total += block_loss[block];
+  std::copy(grad.get(), grad.get() + m * d, dW);
+  if (db) std::copy(grad.get() + m * d, grad.get() + m * d + m, db);
+  std::copy(grad.get() + m * d + b_size, grad.get() + P, da);
   return total;
 }
 
@@ -295,11 +423,11 @@ void forward(const Net<T>& net, T* F) {
   validate(net);
   over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
     const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
-    std::vector<T> S(tile * m), D1(tile * m);
+    const auto S = scratch<T>(tile * m), D1 = scratch<T>(tile * m);
     for (int64_t r0 = 0; r0 < n; r0 += tile) {
       const int64_t rows = std::min(tile, n - r0);
-      hidden(net, e, net.X_of(e) + r0 * d, rows, S.data(), D1.data(), static_cast<T*>(nullptr), parallel);
-      gemm(parallel, Trans::No, Trans::Yes, rows, k, m, net.output_scale, S.data(), m, net.a_of(e), m, T(0),
+      hidden(net, e, net.X_of(e) + r0 * d, rows, S.get(), D1.get(), static_cast<T*>(nullptr), parallel);
+      gemm(parallel, Trans::No, Trans::Yes, rows, k, m, net.output_scale, S.get(), m, net.a_of(e), m, T(0),
                  F + (e * n + r0) * k, k);
     }
   });
@@ -319,10 +447,14 @@ void backward(const Net<T>& net, const T* G, T* dW, T* db, T* da, T* dX) {
 template <class T>
 void loss_and_grad(const Net<T>& net, const Targets<T>& targets, T* loss, T* dW, T* db, T* da) {
   validate(net);
+  if (use_row_blocks(net.E, net)) {
+    loss[0] = blocked_loss_and_grad(net, targets.Y_of(0, net.n, net.k), targets.loss, dW, db, da);
+    return;
+  }
   over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
     const int64_t m = net.m, k = net.k, d = net.d;
     loss[e] = member_loss_and_grad(net, targets.Y_of(e, net.n, k), targets.loss, e, dW + e * m * d,
-                                   net.b ? db + e * m : nullptr, da + e * k * m, parallel);
+                                   net.b ? db + e * m : nullptr, da + e * k * m, parallel, net.n);
   });
 }
 
@@ -345,17 +477,18 @@ void HessianOperator<T>::refresh() {
     T *F = F_.get() + e * n * k, *G = G_.get() + e * n * k, *dS = dS_.get() + e * n * m;
     hidden(net_, e, net_.X_of(e), n, S, D1, D2, parallel);
     gemm(parallel, Trans::No, Trans::Yes, n, k, m, net_.output_scale, S, m, net_.a_of(e), m, T(0), F, k);
-    std::vector<T> row_loss(n);
+    const auto row_loss = scratch<T>(n);
     loss_[e] = loss_tile(targets_.loss, F, targets_.Y_of(e, n, k), n, k, loss_scale<T>(targets_.loss, n, k), G,
-                         row_loss.data(), parallel);
+                         row_loss.get(), parallel);
     gemm(parallel, Trans::No, Trans::No, n, m, k, net_.output_scale, G, k, net_.a_of(e), m, T(0), dS, m);
   });
 }
 
 template <class T>
-void HessianOperator<T>::apply_member(int64_t e, const T* v, T* out, bool parallel) const {
+void HessianOperator<T>::apply_rows(int64_t e, int64_t row_begin, int64_t row_end, const T* v, T* out,
+                                    bool parallel) const {
   const Net<T>& net = net_;
-  const int64_t n = net.n, m = net.m, k = net.k, d = net.d, tile = tile_rows<T>(n, m);
+  const int64_t n = net.n, m = net.m, k = net.k, d = net.d, tile = tile_rows<T>(row_end - row_begin, m);
   const bool bias = net.b != nullptr;
   const T *vW = v, *vb = bias ? v + m * d : nullptr, *va = v + m * d + (bias ? m : 0);
   T *oW = out, *ob = bias ? out + m * d : nullptr, *oa = out + m * d + (bias ? m : 0);
@@ -365,52 +498,56 @@ void HessianOperator<T>::apply_member(int64_t e, const T* v, T* out, bool parall
   const T* X = net.X_of(e);
   const T* a = net.a_of(e);
   const T scale = loss_scale<T>(targets_.loss, n, k), os = net.output_scale;
-  std::vector<T> RZ(tile * m), RS(tile * m), RdZ(tile * m), RF(tile * k), RG(tile * k);
-  for (int64_t r0 = 0; r0 < n; r0 += tile) {
-    const int64_t rows = std::min(tile, n - r0);
-    const T beta = r0 == 0 ? T(0) : T(1);
+  const auto RZ = scratch<T>(tile * m), RS = scratch<T>(tile * m), RdZ = scratch<T>(tile * m);
+  const auto RF = scratch<T>(tile * k), RG = scratch<T>(tile * k);
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += tile) {
+    const int64_t rows = std::min(tile, row_end - r0);
+    const T beta = r0 == row_begin ? T(0) : T(1);
     const T *X_t = X + r0 * d, *S_t = S + r0 * m, *D1_t = D1 + r0 * m, *D2_t = D2 + r0 * m, *dS_t = dS + r0 * m;
     const T *F_t = F + r0 * k, *G_t = G + r0 * k, *Y_t = Y + r0 * k;
     // R{Z} = input_scale X vW^T + vb ; R{S} = sigma' R{Z}
-    gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, vW, d, T(0), RZ.data(), m);
-    over_rows(rows, parallel, [&](int64_t r) {
-      for (int64_t j = 0; j < m; ++j) {
-        if (vb) RZ[r * m + j] += vb[j];
-        RS[r * m + j] = D1_t[r * m + j] * RZ[r * m + j];
-      }
+    gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, vW, d, T(0), RZ.get(), m);
+    over_row_blocks(rows, parallel, [&](int64_t q0, int64_t count) {
+      r_activation(count, m, vb, D1_t + q0 * m, RZ.get() + q0 * m, RS.get() + q0 * m);
     });
     // R{F} = os (R{S} a^T + S va^T) ; R{G} = H_f R{F}
-    gemm(parallel, Trans::No, Trans::Yes, rows, k, m, os, RS.data(), m, a, m, T(0), RF.data(), k);
-    gemm(parallel, Trans::No, Trans::Yes, rows, k, m, os, S_t, m, va, m, T(1), RF.data(), k);
+    gemm(parallel, Trans::No, Trans::Yes, rows, k, m, os, RS.get(), m, a, m, T(0), RF.get(), k);
+    gemm(parallel, Trans::No, Trans::Yes, rows, k, m, os, S_t, m, va, m, T(1), RF.get(), k);
     over_rows(rows, parallel, [&](int64_t r) {
-      loss_row_hessian(targets_.loss, F_t + r * k, Y_t + r * k, k, scale, RF.data() + r * k, RG.data() + r * k);
+      loss_row_hessian(targets_.loss, F_t + r * k, Y_t + r * k, k, scale, RF.get() + r * k, RG.get() + r * k);
     });
     // R{da} = os (R{G}^T S + G^T R{S})
-    gemm(parallel, Trans::Yes, Trans::No, k, m, rows, os, RG.data(), k, S_t, m, beta, oa, m);
-    gemm(parallel, Trans::Yes, Trans::No, k, m, rows, os, G_t, k, RS.data(), m, T(1), oa, m);
+    gemm(parallel, Trans::Yes, Trans::No, k, m, rows, os, RG.get(), k, S_t, m, beta, oa, m);
+    gemm(parallel, Trans::Yes, Trans::No, k, m, rows, os, G_t, k, RS.get(), m, T(1), oa, m);
     // R{dS} = os (R{G} a + G va) ; R{dZ} = R{dS} sigma' + dS sigma'' R{Z}
-    gemm(parallel, Trans::No, Trans::No, rows, m, k, os, RG.data(), k, a, m, T(0), RdZ.data(), m);
-    gemm(parallel, Trans::No, Trans::No, rows, m, k, os, G_t, k, va, m, T(1), RdZ.data(), m);
-    over_rows(rows, parallel, [&](int64_t r) {
-      for (int64_t j = 0; j < m; ++j) {
-        const int64_t i = r * m + j;
-        RdZ[i] = RdZ[i] * D1_t[i] + dS_t[i] * D2_t[i] * RZ[i];
-      }
+    gemm(parallel, Trans::No, Trans::No, rows, m, k, os, RG.get(), k, a, m, T(0), RdZ.get(), m);
+    gemm(parallel, Trans::No, Trans::No, rows, m, k, os, G_t, k, va, m, T(1), RdZ.get(), m);
+    over_row_blocks(rows, parallel, [&](int64_t q0, int64_t count) {
+      r_backward(count * m, D1_t + q0 * m, dS_t + q0 * m, D2_t + q0 * m, RZ.get() + q0 * m, RdZ.get() + q0 * m);
     });
     // R{dW} = input_scale R{dZ}^T X ; R{db} = column sums of R{dZ}
-    gemm(parallel, Trans::Yes, Trans::No, m, d, rows, net.input_scale, RdZ.data(), m, X_t, d, beta, oW, d);
+    gemm(parallel, Trans::Yes, Trans::No, m, d, rows, net.input_scale, RdZ.get(), m, X_t, d, beta, oW, d);
     if (ob) {
-      if (r0 == 0) std::fill(ob, ob + m, T(0));
-      add_column_sums(RdZ.data(), rows, m, ob);
+      if (r0 == row_begin) std::fill(ob, ob + m, T(0));
+      add_column_sums(RdZ.get(), rows, m, ob);
     }
   }
-  if (n == 0) std::fill(out, out + net.params(), T(0));
+  if (row_end == row_begin) std::fill(out, out + net.params(), T(0));
 }
 
 template <class T>
 void HessianOperator<T>::apply(const T* V, T* out) const {
   const int64_t P = net_.params();
-  over_members(net_.E, work_of(net_), [&](int64_t e, bool parallel) { apply_member(e, V + e * P, out + e * P, parallel); });
+  const int64_t n = net_.n;
+  if (use_row_blocks(net_.E, net_)) {
+    sum_over_row_blocks(n, P, out, [&](int64_t r0, int64_t rows, T* partial) {
+      apply_rows(0, r0, r0 + rows, V, partial, false);
+    });
+    return;
+  }
+  over_members(net_.E, work_of(net_), [&](int64_t e, bool parallel) {
+    apply_rows(e, 0, n, V + e * P, out + e * P, parallel);
+  });
 }
 
 template <class T>
@@ -420,17 +557,17 @@ void HessianOperator<T>::loss_and_grad(T* loss, T* dW, T* db, T* da) const {
   over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
     const T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *dS = dS_.get() + e * n * m;
     const T* G = G_.get() + e * n * k;
-    std::vector<T> dZ(n * m);
-    over_rows(n, parallel, [&](int64_t r) {
-      for (int64_t j = 0; j < m; ++j) dZ[r * m + j] = dS[r * m + j] * D1[r * m + j];
+    const auto dZ = scratch<T>(n * m);
+    over_row_blocks(n, parallel, [&](int64_t r0, int64_t count) {
+      multiply(count * m, dS + r0 * m, D1 + r0 * m, dZ.get() + r0 * m);
     });
     loss[e] = loss_[e];
     gemm(parallel, Trans::Yes, Trans::No, k, m, n, net.output_scale, G, k, S, m, T(0), da + e * k * m, m);
-    gemm(parallel, Trans::Yes, Trans::No, m, d, n, net.input_scale, dZ.data(), m, net.X_of(e), d, T(0),
+    gemm(parallel, Trans::Yes, Trans::No, m, d, n, net.input_scale, dZ.get(), m, net.X_of(e), d, T(0),
          dW + e * m * d, d);
     if (net.b) {
       std::fill(db + e * m, db + e * m + m, T(0));
-      add_column_sums(dZ.data(), n, m, db + e * m);
+      add_column_sums(dZ.get(), n, m, db + e * m);
     }
   });
 }
@@ -519,18 +656,12 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
       }
     }
     over_members(E, work_of(net), [&](int64_t e, bool parallel) {
-      // The member's mini-batch as a one-member view: rows r0 .. r0+rows of its X and Y.
-      Net<T> view = net;
-      view.E = 1;
-      view.n = rows;
-      view.x_shared = true;
-      view.X = net.X_of(e) + r0 * d;
-      view.W = net.W_of(e);
-      view.b = net.b_of(e);
-      view.a = net.a_of(e);
+      const Net<T> view = row_view(net, e, r0, rows);  // the member's mini-batch
       const T* Y = targets.Y_of(e, n, k) + r0 * k;
-      losses[step * E + e] = member_loss_and_grad(view, Y, targets.loss, 0, dW.data() + e * m * d,
-                                                  b ? db.data() + e * m : nullptr, da.data() + e * k * m, parallel);
+      T *gW = dW.data() + e * m * d, *gb = b ? db.data() + e * m : nullptr, *ga = da.data() + e * k * m;
+      losses[step * E + e] = use_row_blocks(E, view)
+                                  ? blocked_loss_and_grad(view, Y, targets.loss, gW, gb, ga)
+                                  : member_loss_and_grad(view, Y, targets.loss, 0, gW, gb, ga, parallel, rows);
       update(e);
     });
   }

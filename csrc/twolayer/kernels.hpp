@@ -70,7 +70,8 @@ class HessianOperator {
   // the training loop refreshes one operator instead of allocating a new one at every tracked step).
   void refresh();
   void apply(const T* V, T* out) const;
-  void apply_member(int64_t e, const T* v, T* out, bool inner_parallel) const;
+  // The contribution of rows row_begin .. row_end of member e's batch to its product (the whole product for 0 .. n).
+  void apply_rows(int64_t e, int64_t row_begin, int64_t row_end, const T* v, T* out, bool inner_parallel) const;
   // The loss [E] and gradients at the operator's parameters, from the cached quantities (one GEMM per member).
   void loss_and_grad(T* loss, T* dW, T* db, T* da) const;
   const Net<T>& net() const { return net_; }
