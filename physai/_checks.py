@@ -65,16 +65,17 @@ def check_array(x, name: str, *, dtype=None, ndim=None, shape=None, contiguous: 
 
     ``ndim`` may be an int or a tuple of allowed ranks; ``shape`` a tuple with ``None`` for free extents.
     """
+    # Called on every kernel call: the passing path does plain comparisons only; messages are built on failure.
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, got {type(x).__name__}")
-    if dtype is not None and x.dtype != np.dtype(dtype):
+    if dtype is not None and x.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype)}, got {x.dtype}")
-    if ndim is not None:
+    if ndim is not None and x.ndim != ndim and (isinstance(ndim, int) or x.ndim not in ndim):
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
-        if x.ndim not in allowed:
-            raise ValueError(f"{name}: expected {' or '.join(map(str, allowed))} dimensions, got shape {x.shape}")
+        raise ValueError(f"{name}: expected {' or '.join(map(str, allowed))} dimensions, got shape {x.shape}")
     if shape is not None:
-        if x.ndim != len(shape) or any(s is not None and s != e for s, e in zip(shape, x.shape)):
+        extents = x.shape
+        if len(extents) != len(shape) or not all(s is None or s == e for s, e in zip(shape, extents)):
             wanted = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name}: expected shape {wanted}, got {x.shape}")
     if contiguous and not x.flags.c_contiguous:

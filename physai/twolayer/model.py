@@ -124,18 +124,14 @@ class TwoLayer:
             check_array(self.b, "b", dtype=self.dtype, shape=(E, m))
 
     def _check_X(self, X) -> np.ndarray:
-        check_array(X, "X", dtype=self.dtype, ndim=(2, 3))
-        if X.ndim == 2:
-            check_array(X, "X", shape=(None, self.d))
-        else:
-            check_array(X, "X", shape=(self.ensemble, None, self.d))
-        return X
+        check_array(X, "X", ndim=(2, 3))
+        return check_array(X, "X", dtype=self.dtype, shape=(None, self.d) if X.ndim == 2 else (self.ensemble, None, self.d))
 
     def _check_XY(self, X, Y, loss) -> tuple[np.ndarray, np.ndarray, int]:
         X = self._check_X(X)
         n = X.shape[-2]
-        check_array(Y, "Y", dtype=self.dtype, ndim=(2, 3))
-        check_array(Y, "Y", shape=(n, self.k) if Y.ndim == 2 else (self.ensemble, n, self.k))
+        check_array(Y, "Y", ndim=(2, 3))
+        check_array(Y, "Y", dtype=self.dtype, shape=(n, self.k) if Y.ndim == 2 else (self.ensemble, n, self.k))
         return X, Y, LOSSES.index(check_choice(loss, "loss", LOSSES))
 
     # -- kernels ------------------------------------------------------------------------------------------------
