@@ -3,8 +3,9 @@
 // with W [E, m, d], b [E, m] (optional), a [E, k, m], X [n, d] shared or [E, n, d], Y likewise [n, k] / [E, n, k].
 // The batch is cut into row tiles; for each tile the pre-activation GEMM, activation and derivatives, output GEMM,
 // loss and backward run back to back, and weight gradients accumulate over tiles in a fixed order (bitwise the same
-// for any thread count). Members run in parallel (BLAS single-threaded inside) when there are several; a single
-// member gets multithreaded BLAS and row-parallel elementwise work. numpy twin: physai/twolayer/reference.py.
+// for any thread count). Members run in parallel (BLAS single-threaded inside) when there are several; a lone small
+// member runs fixed row blocks in parallel and sums their gradients in block order; a lone large one splits each GEMM
+// into fixed blocks and its elementwise work into rows. numpy twin: physai/twolayer/reference.py.
 #pragma once
 #include <cstdint>
 #include <memory>
