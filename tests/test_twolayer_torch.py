@@ -9,15 +9,16 @@ from physai.twolayer.torch import TwoLayerModule, torch_loss, torch_reference, t
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("activation", ["relu", "tanh", "gelu", "softplus"])
-def test_drop_in_for_a_torch_mlp(activation, dtype, tol):
+@pytest.mark.parametrize("n", [40, 300])  # 300 rows: the native forward and backward run parallel row blocks
+def test_drop_in_for_a_torch_mlp(activation, dtype, tol, n):
     torch.manual_seed(0)
     act = {"relu": torch.nn.ReLU(), "tanh": torch.nn.Tanh(), "gelu": torch.nn.GELU(approximate="tanh"),
            "softplus": torch.nn.Softplus()}[activation]
     first, second = torch.nn.Linear(6, 32, dtype=dtype), torch.nn.Linear(32, 3, bias=False, dtype=dtype)
     mlp = torch.nn.Sequential(first, act, second)
     fused = TwoLayerModule.from_linear(first, second, activation)
-    X = torch.randn(40, 6, dtype=dtype, requires_grad=True)
-    target = torch.randn(40, 3, dtype=dtype)
+    X = torch.randn(n, 6, dtype=dtype, requires_grad=True)
+    target = torch.randn(n, 3, dtype=dtype)
     outputs = []
     for model in (mlp, fused):
         X.grad = None

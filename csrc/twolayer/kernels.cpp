@@ -387,6 +387,15 @@ void sum_over_row_blocks(int64_t n, int64_t P, T* out, Contribution&& contributi
   }
 }
 
+// A member's flattened [W, b, a] vector into its three arrays.
+template <class T>
+void split_params(const Net<T>& net, const T* flat, T* W, T* b, T* a) {
+  const int64_t md = net.m * net.d, b_size = net.b ? net.m : 0;
+  std::copy(flat, flat + md, W);
+  if (b) std::copy(flat + md, flat + md + b_size, b);
+  std::copy(flat + md + b_size, flat + net.params(), a);
+}
+
 template <class T>
 T blocked_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, T* dW, T* db, T* da) {
   const int64_t n = net.n, m = net.m, d = net.d, k = net.k, P = net.params(), b_size = net.b ? m : 0;
@@ -397,9 +406,7 @@ T blocked_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, T* dW, T* db, 
   });
   T total = T(0);
   for (int64_t block = 0; block * kBlockRows < n; ++block) total += block_loss[block];
-  std::copy(grad.get(), grad.get() + m * d, dW);
-  if (db) std::copy(grad.get() + m * d, grad.get() + m * d + m, db);
-  std::copy(grad.get() + m * d + b_size, grad.get() + P, da);
+  split_params(net, grad.get(), dW, db, da);
   return total;
 }
 
@@ -418,24 +425,47 @@ void validate(const Net<T>& net) {
                  "activation: unknown code ", int32_t(net.activation));
 }
 
+// Outputs [n, k] of one member (or a view of some of its rows).
+template <class T>
+void member_forward(const Net<T>& net, int64_t e, T* F, bool parallel) {
+  const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
+  const auto S = scratch<T>(tile * m), D1 = scratch<T>(tile * m);
+  for (int64_t r0 = 0; r0 < n; r0 += tile) {
+    const int64_t rows = std::min(tile, n - r0);
+    hidden(net, e, net.X_of(e) + r0 * d, rows, S.get(), D1.get(), static_cast<T*>(nullptr), parallel);
+    gemm(parallel, Trans::No, Trans::Yes, rows, k, m, net.output_scale, S.get(), m, net.a_of(e), m, T(0),
+         F + r0 * k, k);
+  }
+}
+
 template <class T>
 void forward(const Net<T>& net, T* F) {
   validate(net);
-  over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
-    const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
-    const auto S = scratch<T>(tile * m), D1 = scratch<T>(tile * m);
-    for (int64_t r0 = 0; r0 < n; r0 += tile) {
-      const int64_t rows = std::min(tile, n - r0);
-      hidden(net, e, net.X_of(e) + r0 * d, rows, S.get(), D1.get(), static_cast<T*>(nullptr), parallel);
-      gemm(parallel, Trans::No, Trans::Yes, rows, k, m, net.output_scale, S.get(), m, net.a_of(e), m, T(0),
-                 F + (e * n + r0) * k, k);
-    }
-  });
+  const int64_t n = net.n, k = net.k;
+  if (use_row_blocks(net.E, net)) {  // rows are independent: the blocks need no reduction
+    parallel_for((n + kBlockRows - 1) / kBlockRows, [&](int64_t block) {
+      const int64_t r0 = block * kBlockRows;
+      member_forward(row_view(net, 0, r0, std::min(kBlockRows, n - r0)), 0, F + r0 * k, false);
+    });
+    return;
+  }
+  over_members(net.E, work_of(net), [&](int64_t e, bool parallel) { member_forward(net, e, F + e * n * k, parallel); });
 }
 
 template <class T>
 void backward(const Net<T>& net, const T* G, T* dW, T* db, T* da, T* dX) {
   validate(net);
+  if (use_row_blocks(net.E, net)) {
+    const int64_t m = net.m, k = net.k, d = net.d, b_size = net.b ? m : 0;
+    const auto grad = scratch<T>(net.params());
+    sum_over_row_blocks(net.n, net.params(), grad.get(), [&](int64_t r0, int64_t rows, T* g) {
+      member_backward(row_view(net, 0, r0, rows), 0, g, net.b ? g + m * d : nullptr, g + m * d + b_size,
+                      dX ? dX + r0 * d : static_cast<T*>(nullptr), false,
+                      [&](int64_t t0, int64_t, const T*, T*) { return G + (r0 + t0) * k; });
+    });
+    split_params(net, grad.get(), dW, db, da);
+    return;
+  }
   over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
     const int64_t m = net.m, k = net.k, d = net.d, n = net.n;
     member_backward(net, e, dW + e * m * d, net.b ? db + e * m : nullptr, da + e * k * m,
