@@ -1,6 +1,7 @@
 #include "twolayer/kernels.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 
@@ -61,9 +62,9 @@ void over_rows(int64_t rows, bool parallel, Body&& body) {
   }
 }
 
-// body(first_row, count) over blocks of rows: each parallel task large enough to vectorise and amortise its dispatch.
+// body(first_row, count) over runs of rows within one GEMM-split member: each parallel task large enough to vectorise and amortise its dispatch.
 template <class Body>
-void over_row_blocks(int64_t rows, bool parallel, Body&& body) {
+void over_row_tasks(int64_t rows, bool parallel, Body&& body) {
   constexpr int64_t kRowsPerTask = 16;
   over_rows((rows + kRowsPerTask - 1) / kRowsPerTask, parallel, [&](int64_t block) {
     const int64_t r0 = block * kRowsPerTask;
@@ -250,7 +251,7 @@ void hidden(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, T* S, T* D
   gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, net.W_of(e), d, T(0), S, m);
   const std::vector<T> zeros(net.b ? 0 : m, T(0));
   const T* b = net.b ? net.b_of(e) : zeros.data();
-  over_row_blocks(rows, parallel, [&](int64_t r0, int64_t count) {
+  over_row_tasks(rows, parallel, [&](int64_t r0, int64_t count) {
     activate_rows(net.activation, count, m, S + r0 * m, b, D1 + r0 * m, D2 ? D2 + r0 * m : nullptr);
   });
 }
@@ -271,7 +272,7 @@ void backward_tile(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, con
   const T beta = first ? T(0) : T(1);
   gemm(parallel, Trans::Yes, Trans::No, k, m, rows, net.output_scale, G_t, k, S, m, beta, da, m);
   gemm(parallel, Trans::No, Trans::No, rows, m, k, net.output_scale, G_t, k, net.a_of(e), m, T(0), dS, m);
-  over_row_blocks(rows, parallel, [&](int64_t r0, int64_t count) {
+  over_row_tasks(rows, parallel, [&](int64_t r0, int64_t count) {
     multiply(count * m, D1 + r0 * m, dS + r0 * m, D1 + r0 * m);
   });
   gemm(parallel, Trans::Yes, Trans::No, m, d, rows, net.input_scale, D1, m, X_t, d, beta, dW, d);
@@ -341,6 +342,13 @@ T member_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, int64_t e, T* d
   return total;
 }
 
+// Where the W, b (null without bias) and a parts start in a member's flattened [W, b, a] vector.
+template <class T, class U>
+std::array<U*, 3> param_parts(const Net<T>& net, U* flat) {
+  const int64_t md = net.m * net.d;
+  return {flat, net.b ? flat + md : nullptr, flat + md + (net.b ? net.m : 0)};
+}
+
 // Rows r0 .. r0+rows of member e, as a one-member net with a shared X.
 template <class T>
 Net<T> row_view(const Net<T>& net, int64_t e, int64_t r0, int64_t rows) {
@@ -364,6 +372,8 @@ constexpr int64_t kBlockRows = 128;
 constexpr int64_t kBlockedWork = int64_t(1) << 26;
 
 // members: how many members the call has (blocks are for a lone member); member: the one-member net (or view).
+inline int64_t row_blocks(int64_t n) { return (n + kBlockRows - 1) / kBlockRows; }
+
 template <class T>
 bool use_row_blocks(int64_t members, const Net<T>& member) {
   return members == 1 && member.n > kBlockRows && work_of(member) < kBlockedWork;
@@ -373,7 +383,7 @@ bool use_row_blocks(int64_t members, const Net<T>& member) {
 // blocks' vectors summed in block order.
 template <class T, class Contribution>
 void sum_over_row_blocks(int64_t n, int64_t P, T* out, Contribution&& contribution) {
-  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  const int64_t blocks = row_blocks(n);
   const auto partial = scratch<T>(blocks * P);
   parallel_for(blocks, [&](int64_t block) {
     const int64_t r0 = block * kBlockRows;
@@ -390,22 +400,23 @@ void sum_over_row_blocks(int64_t n, int64_t P, T* out, Contribution&& contributi
 // A member's flattened [W, b, a] vector into its three arrays.
 template <class T>
 void split_params(const Net<T>& net, const T* flat, T* W, T* b, T* a) {
-  const int64_t md = net.m * net.d, b_size = net.b ? net.m : 0;
-  std::copy(flat, flat + md, W);
-  if (b) std::copy(flat + md, flat + md + b_size, b);
-  std::copy(flat + md + b_size, flat + net.params(), a);
+  const auto [fW, fb, fa] = param_parts(net, flat);
+  std::copy(fW, fW + net.m * net.d, W);
+  if (b) std::copy(fb, fb + net.m, b);
+  std::copy(fa, fa + net.k * net.m, a);
 }
 
 template <class T>
 T blocked_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, T* dW, T* db, T* da) {
-  const int64_t n = net.n, m = net.m, d = net.d, k = net.k, P = net.params(), b_size = net.b ? m : 0;
-  const auto grad = scratch<T>(P), block_loss = scratch<T>((n + kBlockRows - 1) / kBlockRows);
-  sum_over_row_blocks(n, P, grad.get(), [&](int64_t r0, int64_t rows, T* g) {
-    block_loss[r0 / kBlockRows] = member_loss_and_grad(row_view(net, 0, r0, rows), Y + r0 * k, loss, 0, g,
-                                                       net.b ? g + m * d : nullptr, g + m * d + b_size, false, n);
+  const int64_t n = net.n;
+  const auto grad = scratch<T>(net.params()), block_loss = scratch<T>(row_blocks(n));
+  sum_over_row_blocks(n, net.params(), grad.get(), [&](int64_t r0, int64_t rows, T* g) {
+    const auto [gW, gb, ga] = param_parts(net, g);
+    block_loss[r0 / kBlockRows] =
+        member_loss_and_grad(row_view(net, 0, r0, rows), Y + r0 * net.k, loss, 0, gW, gb, ga, false, n);
   });
   T total = T(0);
-  for (int64_t block = 0; block * kBlockRows < n; ++block) total += block_loss[block];
+  for (int64_t block = 0; block < row_blocks(n); ++block) total += block_loss[block];
   split_params(net, grad.get(), dW, db, da);
   return total;
 }
@@ -443,7 +454,7 @@ void forward(const Net<T>& net, T* F) {
   validate(net);
   const int64_t n = net.n, k = net.k;
   if (use_row_blocks(net.E, net)) {  // rows are independent: the blocks need no reduction
-    parallel_for((n + kBlockRows - 1) / kBlockRows, [&](int64_t block) {
+    parallel_for(row_blocks(n), [&](int64_t block) {
       const int64_t r0 = block * kBlockRows;
       member_forward(row_view(net, 0, r0, std::min(kBlockRows, n - r0)), 0, F + r0 * k, false);
     });
@@ -456,12 +467,11 @@ template <class T>
 void backward(const Net<T>& net, const T* G, T* dW, T* db, T* da, T* dX) {
   validate(net);
   if (use_row_blocks(net.E, net)) {
-    const int64_t m = net.m, k = net.k, d = net.d, b_size = net.b ? m : 0;
     const auto grad = scratch<T>(net.params());
     sum_over_row_blocks(net.n, net.params(), grad.get(), [&](int64_t r0, int64_t rows, T* g) {
-      member_backward(row_view(net, 0, r0, rows), 0, g, net.b ? g + m * d : nullptr, g + m * d + b_size,
-                      dX ? dX + r0 * d : static_cast<T*>(nullptr), false,
-                      [&](int64_t t0, int64_t, const T*, T*) { return G + (r0 + t0) * k; });
+      const auto [gW, gb, ga] = param_parts(net, g);
+      member_backward(row_view(net, 0, r0, rows), 0, gW, gb, ga, dX ? dX + r0 * net.d : static_cast<T*>(nullptr),
+                      false, [&](int64_t t0, int64_t, const T*, T*) { return G + (r0 + t0) * net.k; });
     });
     split_params(net, grad.get(), dW, db, da);
     return;
@@ -519,9 +529,11 @@ void HessianOperator<T>::apply_rows(int64_t e, int64_t row_begin, int64_t row_en
                                     bool parallel) const {
   const Net<T>& net = net_;
   const int64_t n = net.n, m = net.m, k = net.k, d = net.d, tile = tile_rows<T>(row_end - row_begin, m);
-  const bool bias = net.b != nullptr;
-  const T *vW = v, *vb = bias ? v + m * d : nullptr, *va = v + m * d + (bias ? m : 0);
-  T *oW = out, *ob = bias ? out + m * d : nullptr, *oa = out + m * d + (bias ? m : 0);
+  // Plain pointers, not structured bindings: C++17 lambdas below cannot capture those.
+  const std::array<const T*, 3> v_parts = param_parts(net, v);
+  const std::array<T*, 3> out_parts = param_parts(net, out);
+  const T *vW = v_parts[0], *vb = v_parts[1], *va = v_parts[2];
+  T *oW = out_parts[0], *ob = out_parts[1], *oa = out_parts[2];
   const T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *D2 = D2_.get() + e * n * m;
   const T *F = F_.get() + e * n * k, *G = G_.get() + e * n * k, *dS = dS_.get() + e * n * m;
   const T* Y = targets_.Y_of(e, n, k);
@@ -537,7 +549,7 @@ void HessianOperator<T>::apply_rows(int64_t e, int64_t row_begin, int64_t row_en
     const T *F_t = F + r0 * k, *G_t = G + r0 * k, *Y_t = Y + r0 * k;
     // R{Z} = input_scale X vW^T + vb ; R{S} = sigma' R{Z}
     gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, vW, d, T(0), RZ.get(), m);
-    over_row_blocks(rows, parallel, [&](int64_t q0, int64_t count) {
+    over_row_tasks(rows, parallel, [&](int64_t q0, int64_t count) {
       r_activation(count, m, vb, D1_t + q0 * m, RZ.get() + q0 * m, RS.get() + q0 * m);
     });
     // R{F} = os (R{S} a^T + S va^T) ; R{G} = H_f R{F}
@@ -552,7 +564,7 @@ void HessianOperator<T>::apply_rows(int64_t e, int64_t row_begin, int64_t row_en
     // R{dS} = os (R{G} a + G va) ; R{dZ} = R{dS} sigma' + dS sigma'' R{Z}
     gemm(parallel, Trans::No, Trans::No, rows, m, k, os, RG.get(), k, a, m, T(0), RdZ.get(), m);
     gemm(parallel, Trans::No, Trans::No, rows, m, k, os, G_t, k, va, m, T(1), RdZ.get(), m);
-    over_row_blocks(rows, parallel, [&](int64_t q0, int64_t count) {
+    over_row_tasks(rows, parallel, [&](int64_t q0, int64_t count) {
       r_backward(count * m, D1_t + q0 * m, dS_t + q0 * m, D2_t + q0 * m, RZ.get() + q0 * m, RdZ.get() + q0 * m);
     });
     // R{dW} = input_scale R{dZ}^T X ; R{db} = column sums of R{dZ}
@@ -588,7 +600,7 @@ void HessianOperator<T>::loss_and_grad(T* loss, T* dW, T* db, T* da) const {
     const T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *dS = dS_.get() + e * n * m;
     const T* G = G_.get() + e * n * k;
     const auto dZ = scratch<T>(n * m);
-    over_row_blocks(n, parallel, [&](int64_t r0, int64_t count) {
+    over_row_tasks(n, parallel, [&](int64_t r0, int64_t count) {
       multiply(count * m, dS + r0 * m, D1 + r0 * m, dZ.get() + r0 * m);
     });
     loss[e] = loss_[e];
