@@ -55,6 +55,53 @@ def test_native_matches_reference(activation, loss, param, dtype):
         assert_close(net.hvp(X, Y, v, loss), R.hvp(p, X, Y, v, loss), dtype, what)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("m", [8, 24, 37, 70])
+@pytest.mark.parametrize("k", [1, 3])
+def test_vector_widths_match_reference(m, k, dtype):
+    # The row loops (dot products, column combinations, sums over rows) run whole vectors of 8 floats or 4 doubles,
+    # in blocks of 4, 2 and 1 vectors, then single columns: these widths exercise every combination. E=1 with
+    # n=200 takes the parallel row-block path, E=2 the member-parallel one.
+    for E, n in ((1, 200), (2, 45)):
+        for loss in LOSSES:
+            net, X, Y, v = make_problem("softplus", loss, "standard", dtype, E=E, n=n, d=11, m=m, k=k)
+            p = net.reference_params()
+            what = f"m={m} k={k} E={E} {loss} {np.dtype(dtype).name}"
+            np.testing.assert_allclose(net.forward(X), R.forward(p, X)[0], **TOL[dtype], err_msg=what)
+            value, grads = net.loss_and_grad(X, Y, loss)
+            ref_value, ref_grads = R.loss_and_grad(p, X, Y, loss)
+            np.testing.assert_allclose(value, ref_value, **TOL[dtype], err_msg=what)
+            assert_close(grads, ref_grads, dtype, what)
+            assert_close(net.hvp(X, Y, v, loss), R.hvp(p, X, Y, v, loss), dtype, what)
+
+
+def test_reused_scratch_memory_leaves_no_trace():
+    # Kernels keep per-thread scratch buffers between calls; a call after calls of other shapes must give the same
+    # bits as the first call of its shape.
+    def run(m, n):
+        net, X, Y, v = make_problem("tanh", "mse", "standard", np.float64, E=1, n=n, d=9, m=m, k=2)
+        value, grads = net.loss_and_grad(X, Y)
+        return [value, *grads, *net.hvp(X, Y, v), net.forward(X)]
+
+    first = run(20, 300)
+    for m, n in ((200, 1000), (3, 5), (50, 129)):
+        run(m, n)
+    for x, y in zip(first, run(20, 300)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_hvp_of_zero_rows_is_zero_and_leaves_other_members_alone():
+    # Eigensolvers feed zero rows for members that have converged; the operator skips them.
+    net, X, Y, _ = make_problem("gelu", "logistic", "mup", np.float64, E=3, n=40, d=4, m=12, k=2)
+    operator = net.hessian_operator(X, Y, "logistic")
+    V = np.random.default_rng(3).standard_normal((3, net.num_params))
+    full = operator.matvec(V)
+    V[1] = 0.0
+    partial = operator.matvec(V)
+    np.testing.assert_array_equal(partial[1], 0.0)
+    np.testing.assert_array_equal(partial[[0, 2]], full[[0, 2]])
+
+
 torch = pytest.importorskip("torch")
 from physai.twolayer.torch import torch_loss, torch_reference  # noqa: E402
 
@@ -265,9 +312,15 @@ def test_bad_call_arguments():
         net.train(X, Y, 0.1, steps=-1)
     with pytest.raises(TypeError, match="X: expected a numpy array"):
         net.forward([[0.0, 0.0, 0.0]])
-    net.W = np.zeros((1, 4, 3), np.float64)
     with pytest.raises(TypeError, match="W: expected dtype float32"):
-        net.forward(X)
+        net.W = np.zeros((1, 4, 3), np.float64)
+    with pytest.raises(ValueError, match="a: expected shape"):
+        net.a = np.zeros((1, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="b: the model was built with bias=True"):
+        net.b = None
+    with pytest.raises(ValueError, match="X: expected shape"):
+        net.forward(np.zeros((2, 5, 3), np.float32))
+    assert net.W.dtype == np.float32  # a refused assignment leaves the parameter as it was
 
 
 def test_native_layer_rechecks_shapes():

@@ -3,10 +3,12 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "common/blas.hpp"
 #include "common/errors.hpp"
+#include "common/scratch.hpp"
 #include "common/threading.hpp"
 
 namespace physai::twolayer {
@@ -18,12 +20,6 @@ namespace {
 // Hot loops are compiled for AVX-512 and AVX2/FMA CPUs as well as the baseline, picked at load time; the bits depend on
 // the CPU (vector width), never on the thread count.
 #define PHYSAI_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-
-// Scratch that every kernel writes before it reads: left uninitialised (a zero fill would cost a pass over it).
-template <class T>
-std::unique_ptr<T[]> scratch(int64_t count) {
-  return std::unique_ptr<T[]>(new T[count]);
-}
 
 // Rows per tile: Z, S and sigma' of a tile (3 m values per row) should stay within ~1 MiB of cache, but tiles shorter
 // than 256 rows make the weight-gradient GEMMs thin and re-read dW too often.
@@ -73,9 +69,130 @@ void over_row_tasks(int64_t rows, bool parallel, Body&& body) {
 }
 
 // GEMMs with a dimension of at most kSmallDim (the k outputs of the network) are memory-bound outer products or
-// dot products: plain loops beat a BLAS call. Each entry point is cloned for AVX2/FMA; reductions use a fixed
-// vector order (omp simd), so the bits depend on the shapes and the CPU, never on the thread count.
+// dot products: plain loops beat a BLAS call. Each entry point is cloned for AVX-512 and AVX2/FMA; every sum has a
+// fixed order, so the bits depend on the shapes and the CPU, never on the thread count.
 constexpr int64_t kSmallDim = 8;
+
+// One AVX2 register of T as a GCC vector (8 floats, 4 doubles). GCC lowers vectors wider than the target's registers
+// through the stack, so this is the width every clone handles well (AVX-512 CPUs run two per cycle).
+template <class T>
+struct Vec {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 32 / sizeof(T);
+};
+
+// Unaligned loads and stores of U: a Vec or a single T.
+template <class U, class T>
+__attribute__((always_inline)) inline U load(const T* p) {
+  U value;
+  std::memcpy(&value, p, sizeof value);
+  return value;
+}
+template <class T, class U>
+__attribute__((always_inline)) inline void store(T* p, U value) {
+  std::memcpy(p, &value, sizeof value);
+}
+
+// The sum of a vector's lanes by a fixed tree of shuffles.
+__attribute__((always_inline)) inline float fold(Vec<float>::type v) {
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1);
+  v += __builtin_shufflevector(v, v, 1, 0, 1, 0, 1, 0, 1, 0);
+  return v[0];
+}
+__attribute__((always_inline)) inline double fold(Vec<double>::type v) {
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1);
+  v += __builtin_shufflevector(v, v, 1, 0, 1, 0);
+  return v[0];
+}
+
+// A dot product over two vectors of partial sums (alternate blocks, so consecutive multiply-adds are independent),
+// folded by a fixed tree: no serial chain of lane additions at the end, which is what an omp simd reduction
+// compiles to.
+template <class T>
+__attribute__((always_inline)) inline T dot(int64_t K, const T* a, const T* b) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t lanes = Vec<T>::lanes;
+  V even = {}, odd = {};
+  int64_t l = 0;
+  for (; l + 2 * lanes <= K; l += 2 * lanes) {
+    even += load<V>(a + l) * load<V>(b + l);
+    odd += load<V>(a + l + lanes) * load<V>(b + l + lanes);
+  }
+  if (l + lanes <= K) {
+    even += load<V>(a + l) * load<V>(b + l);
+    l += lanes;
+  }
+  for (int64_t q = 0; l + q < K; ++q) odd[q] += a[l + q] * b[l + q];
+  return fold(even + odd);
+}
+
+// body(q, sum) for each column q < m with sum = sum_{j < k} term(j, q, U{}), where term returns a U loaded at
+// column q: a Vec of columns at a time (an omp simd loop over q around a loop over j of unknown length does not
+// vectorise), the rest one T at a time.
+template <class T, class Term, class Body>
+__attribute__((always_inline)) inline void for_summed_columns(int64_t k, int64_t m, Term&& term, Body&& body) {
+  using V = typename Vec<T>::type;
+  int64_t q = 0;
+  for (; q + Vec<T>::lanes <= m; q += Vec<T>::lanes) {
+    V sum = {};
+    for (int64_t j = 0; j < k; ++j) sum += term(j, q, V{});
+    body(q, sum);
+  }
+  for (; q < m; ++q) {
+    T sum = T(0);
+    for (int64_t j = 0; j < k; ++j) sum += term(j, q, T{});
+    body(q, sum);
+  }
+}
+
+// body(q, sum) with sum = sum_j c[j] A[j, q] for the k x m row-major A.
+template <class T, class Body>
+__attribute__((always_inline)) inline void for_combined_columns(int64_t k, int64_t m, const T* c, const T* A,
+                                                                Body&& body) {
+  for_summed_columns<T>(
+      k, m, [&](int64_t j, int64_t q, auto lanes) { return c[j] * load<decltype(lanes)>(A + j * m + q); }, body);
+}
+
+// c[j] = beta c[j] + alpha sum_l coef(l) B[l, j] for j in [j0, N), in blocks of U (a Vec, or one T for
+// the last columns), `Width` of them held in registers across the whole sum over l (accumulating into c would chain
+// every l through a store and a reload). Even and odd l go to separate sums, added at the end, so that consecutive
+// multiply-adds do not wait on each other. Returns where the full blocks end.
+template <class U, int Width, class T, class Coef>
+__attribute__((always_inline)) inline int64_t accumulate_columns(int64_t j0, int64_t N, int64_t K, T alpha,
+                                                                 Coef&& coef, const T* B, int64_t ldb, T beta, T* c) {
+  constexpr int64_t lanes = sizeof(U) / sizeof(T), cols = lanes * Width;
+  for (; j0 + cols <= N; j0 += cols) {
+    U even[Width] = {}, odd[Width] = {};
+    int64_t l = 0;
+    for (; l + 2 <= K; l += 2) {
+      const T s0 = coef(l), s1 = coef(l + 1);
+      for (int w = 0; w < Width; ++w) {
+        even[w] += s0 * load<U>(B + l * ldb + j0 + w * lanes);
+        odd[w] += s1 * load<U>(B + (l + 1) * ldb + j0 + w * lanes);
+      }
+    }
+    if (l < K)
+      for (int w = 0; w < Width; ++w) even[w] += coef(l) * load<U>(B + l * ldb + j0 + w * lanes);
+    for (int w = 0; w < Width; ++w) {
+      T* out = c + j0 + w * lanes;
+      const U sum = alpha * (even[w] + odd[w]);
+      store(out, beta == T(0) ? sum : sum + beta * load<U>(out));
+    }
+  }
+  return j0;
+}
+
+// All the columns of c: four, two, then one vector at a time, then one by one.
+template <class T, class Coef>
+__attribute__((always_inline)) inline void accumulate_all_columns(int64_t N, int64_t K, T alpha, Coef&& coef,
+                                                                  const T* B, int64_t ldb, T beta, T* c) {
+  using V = typename Vec<T>::type;
+  int64_t j = accumulate_columns<V, 4>(0, N, K, alpha, coef, B, ldb, beta, c);
+  j = accumulate_columns<V, 2>(j, N, K, alpha, coef, B, ldb, beta, c);
+  j = accumulate_columns<V, 1>(j, N, K, alpha, coef, B, ldb, beta, c);
+  accumulate_columns<T, 1>(j, N, K, alpha, coef, B, ldb, beta, c);
+}
 
 template <class T>
 __attribute__((always_inline)) inline void small_gemm_impl(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K,
@@ -83,30 +200,17 @@ __attribute__((always_inline)) inline void small_gemm_impl(Trans ta, Trans tb, i
                                                            T beta, T* C, int64_t ldc) {
   for (int64_t i = 0; i < M; ++i) {
     T* c = C + i * ldc;
-    if (beta == T(0)) {
-      for (int64_t j = 0; j < N; ++j) c[j] = T(0);
-    } else if (beta != T(1)) {
-      for (int64_t j = 0; j < N; ++j) c[j] *= beta;
-    }
     if (ta == Trans::No && tb == Trans::Yes) {  // rows of A against rows of B: dot products
-      const T* a = A + i * lda;
+      for (int64_t j = 0; j < N; ++j)
+        c[j] = (beta == T(0) ? T(0) : beta * c[j]) + alpha * dot(K, A + i * lda, B + j * ldb);
+    } else if (tb == Trans::No) {  // a combination of the rows of B
+      const auto coef = [&](int64_t l) { return ta == Trans::No ? A[i * lda + l] : A[l * lda + i]; };
+      accumulate_all_columns(N, K, alpha, coef, B, ldb, beta, c);
+    } else {  // op(A)^T op(B)^T, which no kernel asks for at small sizes: plain loops
       for (int64_t j = 0; j < N; ++j) {
-        const T* b = B + j * ldb;
         T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-        for (int64_t l = 0; l < K; ++l) sum += a[l] * b[l];
-        c[j] += alpha * sum;
-      }
-    } else {  // scaled rows of op(B) added into the row of C
-      for (int64_t l = 0; l < K; ++l) {
-        const T a = alpha * (ta == Trans::No ? A[i * lda + l] : A[l * lda + i]);
-        if (tb == Trans::No) {
-          const T* b = B + l * ldb;
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
-        } else {
-          for (int64_t j = 0; j < N; ++j) c[j] += a * B[j * ldb + l];
-        }
+        for (int64_t l = 0; l < K; ++l) sum += A[l * lda + i] * B[j * ldb + l];
+        c[j] = (beta == T(0) ? T(0) : beta * c[j]) + alpha * sum;
       }
     }
   }
@@ -197,52 +301,95 @@ void activate_rows(Activation act, int64_t rows, int64_t m, double* z, const dou
   for (int64_t r = 0; r < rows; ++r) activate_row_any(act, m, z + r * m, b, D1 + r * m, D2 ? D2 + r * m : nullptr);
 }
 
-// out = a * b elementwise (the chain rule through sigma': dZ = dS sigma').
-PHYSAI_VECTOR_CLONES void multiply(int64_t count, const float* a, const float* b, float* out) {
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) out[i] = a[i] * b[i];
-}
-PHYSAI_VECTOR_CLONES void multiply(int64_t count, const double* a, const double* b, double* out) {
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) out[i] = a[i] * b[i];
-}
-
-// The R-operator through the activation, over `rows` rows of width m: R{Z} += vb (when given); R{S} = sigma' R{Z}.
+// The output layer of `rows` rows, one row at a time while it is in cache: F_r = os a S_r (k dot products), then the
+// loss row, which writes G_r (already scaled for the mean) and returns the row's loss into row_loss.
 template <class T>
-__attribute__((always_inline)) inline void r_activation_impl(int64_t rows, int64_t m, const T* vb, const T* D1, T* RZ,
-                                                             T* RS) {
+__attribute__((always_inline)) inline void output_rows_impl(Loss loss, int64_t rows, int64_t m, int64_t k, T os,
+                                                            const T* S, const T* a, const T* Y, T scale, T* F, T* G,
+                                                            T* row_loss) {
   for (int64_t r = 0; r < rows; ++r) {
-    if (vb) {
-#pragma omp simd
-      for (int64_t j = 0; j < m; ++j) RZ[r * m + j] += vb[j];
-    }
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j) RS[r * m + j] = D1[r * m + j] * RZ[r * m + j];
+    for (int64_t j = 0; j < k; ++j) F[r * k + j] = os * dot(m, S + r * m, a + j * m);
+    row_loss[r] = loss_row(loss, F + r * k, Y + r * k, k, scale, G + r * k);
   }
 }
-PHYSAI_VECTOR_CLONES void r_activation(int64_t rows, int64_t m, const float* vb, const float* D1, float* RZ, float* RS) {
-  r_activation_impl(rows, m, vb, D1, RZ, RS);
+PHYSAI_VECTOR_CLONES void output_rows(Loss loss, int64_t rows, int64_t m, int64_t k, float os, const float* S,
+                                      const float* a, const float* Y, float scale, float* F, float* G,
+                                      float* row_loss) {
+  output_rows_impl(loss, rows, m, k, os, S, a, Y, scale, F, G, row_loss);
 }
-PHYSAI_VECTOR_CLONES void r_activation(int64_t rows, int64_t m, const double* vb, const double* D1, double* RZ,
-                                       double* RS) {
-  r_activation_impl(rows, m, vb, D1, RZ, RS);
+PHYSAI_VECTOR_CLONES void output_rows(Loss loss, int64_t rows, int64_t m, int64_t k, double os, const double* S,
+                                      const double* a, const double* Y, double scale, double* F, double* G,
+                                      double* row_loss) {
+  output_rows_impl(loss, rows, m, k, os, S, a, Y, scale, F, G, row_loss);
 }
 
-// R{dZ} = R{dS} sigma' + dS sigma'' R{Z}, in place of R{dS}.
+// The chain rule through both layers, row by row: dS_r = os sum_j G_rj a_j, dZ_r = dS_r sigma'_r (dZ may be D1, to
+// write in place) and, when D2 is given, D2_r *= dS_r (the curvature term dS sigma'' of the Hessian).
 template <class T>
-__attribute__((always_inline)) inline void r_backward_impl(int64_t count, const T* D1, const T* dS, const T* D2,
-                                                           const T* RZ, T* RdZ) {
+__attribute__((always_inline)) inline void backprop_rows_impl(int64_t rows, int64_t m, int64_t k, T os, const T* G,
+                                                              const T* a, const T* D1, T* dZ, T* D2) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* d1 = D1 + r * m;
+    T *dz = dZ + r * m, *d2 = D2 ? D2 + r * m : nullptr;
+    for_combined_columns(k, m, G + r * k, a, [&](int64_t q, auto sum) {
+      using U = decltype(sum);
+      const U dS = os * sum;
+      store(dz + q, load<U>(d1 + q) * dS);
+      if (d2) store(d2 + q, load<U>(d2 + q) * dS);
+    });
+  }
+}
+PHYSAI_VECTOR_CLONES void backprop_rows(int64_t rows, int64_t m, int64_t k, float os, const float* G, const float* a,
+                                        const float* D1, float* dZ, float* D2) {
+  backprop_rows_impl(rows, m, k, os, G, a, D1, dZ, D2);
+}
+PHYSAI_VECTOR_CLONES void backprop_rows(int64_t rows, int64_t m, int64_t k, double os, const double* G,
+                                        const double* a, const double* D1, double* dZ, double* D2) {
+  backprop_rows_impl(rows, m, k, os, G, a, D1, dZ, D2);
+}
+
+// What the R-operator pass over a tile's rows reads (row-major tiles; vb null without bias) and writes.
+template <class T>
+struct RRows {
+  Loss loss;
+  int64_t m, k;
+  T os, scale;
+  const T *vb, *a, *va;            // direction's bias part, output weights, direction's output part
+  const T *S, *D1, *dS_D2, *F, *Y, *G;  // cached forward and backward of the tile (dS_D2 = dS sigma'')
+  T *RZ, *RS, *RF, *RG, *RdZ;      // RZ holds input_scale X vW^T on entry
+};
+
+// One pass over the rows of an HVP: R{Z} += vb; R{S} = sigma' R{Z}; R{F} = os (a R{S} + va S) (k dot products);
+// R{G} = H_f R{F}; R{dZ} = os (R{G} a + G va) sigma' + dS sigma'' R{Z}.
+template <class T>
+__attribute__((always_inline)) inline void r_rows_impl(const RRows<T>& p, int64_t r0, int64_t rows) {
+  // Fields copied to locals: stores through the row pointers could otherwise alias them, forcing reloads.
+  const int64_t m = p.m, k = p.k;
+  const T os = p.os, *vb = p.vb, *a = p.a, *va = p.va;
+  for (int64_t r = r0; r < r0 + rows; ++r) {
+    T *RZ = p.RZ + r * m, *RS = p.RS + r * m, *RdZ = p.RdZ + r * m, *RF = p.RF + r * k, *RG = p.RG + r * k;
+    const T *S = p.S + r * m, *D1 = p.D1 + r * m, *dS_D2 = p.dS_D2 + r * m, *G = p.G + r * k;
 #pragma omp simd
-  for (int64_t i = 0; i < count; ++i) RdZ[i] = RdZ[i] * D1[i] + dS[i] * D2[i] * RZ[i];
+    for (int64_t q = 0; q < m; ++q) {
+      if (vb) RZ[q] += vb[q];
+      RS[q] = D1[q] * RZ[q];
+    }
+    for (int64_t j = 0; j < k; ++j) RF[j] = os * (dot(m, RS, a + j * m) + dot(m, S, va + j * m));
+    loss_row_hessian(p.loss, p.F + r * k, p.Y + r * k, k, p.scale, RF, RG);
+    for_summed_columns<T>(
+        k, m,
+        [&](int64_t j, int64_t q, auto lanes) {
+          using U = decltype(lanes);
+          return RG[j] * load<U>(a + j * m + q) + G[j] * load<U>(va + j * m + q);
+        },
+        [&](int64_t q, auto RdS) {
+          using U = decltype(RdS);
+          store(RdZ + q, os * RdS * load<U>(D1 + q) + load<U>(dS_D2 + q) * load<U>(RZ + q));
+        });
+  }
 }
-PHYSAI_VECTOR_CLONES void r_backward(int64_t count, const float* D1, const float* dS, const float* D2, const float* RZ,
-                                     float* RdZ) {
-  r_backward_impl(count, D1, dS, D2, RZ, RdZ);
-}
-PHYSAI_VECTOR_CLONES void r_backward(int64_t count, const double* D1, const double* dS, const double* D2,
-                                     const double* RZ, double* RdZ) {
-  r_backward_impl(count, D1, dS, D2, RZ, RdZ);
-}
+PHYSAI_VECTOR_CLONES void r_rows(const RRows<float>& p, int64_t r0, int64_t rows) { r_rows_impl(p, r0, rows); }
+PHYSAI_VECTOR_CLONES void r_rows(const RRows<double>& p, int64_t r0, int64_t rows) { r_rows_impl(p, r0, rows); }
 
 // Z = input_scale * X_t W^T + b, then S = sigma(Z) in place of Z; D1 = sigma'(Z) and D2 = sigma''(Z) (if non-null).
 template <class T>
@@ -256,24 +403,25 @@ void hidden(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, T* S, T* D
   });
 }
 
-// Column sums of rows x m, added to out in row order (fixed, so bitwise reproducible).
-template <class T>
-void add_column_sums(const T* A, int64_t rows, int64_t m, T* out) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < m; ++j) out[j] += A[r * m + j];
+// Column sums of rows x m, added to out (in a fixed order, so bitwise reproducible).
+PHYSAI_VECTOR_CLONES void add_column_sums(const float* A, int64_t rows, int64_t m, float* out) {
+  accumulate_all_columns(m, rows, 1.0f, [](int64_t) { return 1.0f; }, A, m, 1.0f, out);
+}
+PHYSAI_VECTOR_CLONES void add_column_sums(const double* A, int64_t rows, int64_t m, double* out) {
+  accumulate_all_columns(m, rows, 1.0, [](int64_t) { return 1.0; }, A, m, 1.0, out);
 }
 
 // Backward of one tile given its output gradients G_t [rows, k]: accumulates da, dW, db (beta = 0 on the first tile)
 // and writes dX_t. S holds sigma(Z) and D1 sigma'(Z) of the tile; D1 is overwritten with dZ.
 template <class T>
 void backward_tile(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, const T* S, T* D1, const T* G_t,
-                   bool first, T* dW, T* db, T* da, T* dX_t, T* dS, bool parallel) {
+                   bool first, T* dW, T* db, T* da, T* dX_t, bool parallel) {
   const int64_t m = net.m, d = net.d, k = net.k;
   const T beta = first ? T(0) : T(1);
   gemm(parallel, Trans::Yes, Trans::No, k, m, rows, net.output_scale, G_t, k, S, m, beta, da, m);
-  gemm(parallel, Trans::No, Trans::No, rows, m, k, net.output_scale, G_t, k, net.a_of(e), m, T(0), dS, m);
   over_row_tasks(rows, parallel, [&](int64_t r0, int64_t count) {
-    multiply(count * m, D1 + r0 * m, dS + r0 * m, D1 + r0 * m);
+    backprop_rows(count, m, k, net.output_scale, G_t + r0 * k, net.a_of(e), D1 + r0 * m, D1 + r0 * m,
+                  static_cast<T*>(nullptr));
   });
   gemm(parallel, Trans::Yes, Trans::No, m, d, rows, net.input_scale, D1, m, X_t, d, beta, dW, d);
   if (db) {
@@ -288,12 +436,15 @@ T loss_scale(Loss loss, int64_t rows, int64_t k) {
   return loss == Loss::CrossEntropy ? T(1) / T(rows) : T(1) / (T(rows) * T(k));
 }
 
-// Loss rows of a tile: G_t and the tile's loss, summed in row order.
+// Output layer and loss of a tile from S_t = sigma(Z_t): F_t and G_t [rows, k], and the tile's loss summed in row
+// order.
 template <class T>
-T loss_tile(Loss loss, const T* F_t, const T* Y_t, int64_t rows, int64_t k, T scale, T* G_t, T* row_loss,
-            bool parallel) {
-  over_rows(rows, parallel, [&](int64_t r) {
-    row_loss[r] = loss_row(loss, F_t + r * k, Y_t + r * k, k, scale, G_t + r * k);
+T loss_tile(const Net<T>& net, int64_t e, Loss loss, const T* S_t, const T* Y_t, int64_t rows, T scale, T* F_t,
+            T* G_t, T* row_loss, bool parallel) {
+  const int64_t m = net.m, k = net.k;
+  over_row_tasks(rows, parallel, [&](int64_t r0, int64_t count) {
+    output_rows(loss, count, m, k, net.output_scale, S_t + r0 * m, net.a_of(e), Y_t + r0 * k, scale, F_t + r0 * k,
+                G_t + r0 * k, row_loss + r0);
   });
   T total = T(0);
   for (int64_t r = 0; r < rows; ++r) total += row_loss[r];
@@ -307,14 +458,14 @@ template <class T, class OutputGrad>
 void member_backward(const Net<T>& net, int64_t e, T* dW, T* db, T* da, T* dX, bool parallel,
                      OutputGrad&& output_grad) {
   const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
-  const auto S = scratch<T>(tile * m), D1 = scratch<T>(tile * m), dS = scratch<T>(tile * m), G = scratch<T>(tile * k);
+  const auto S = Scratch<T>(tile * m), D1 = Scratch<T>(tile * m), G = Scratch<T>(tile * k);
   const T* X = net.X_of(e);
   for (int64_t r0 = 0; r0 < n; r0 += tile) {
     const int64_t rows = std::min(tile, n - r0);
     hidden(net, e, X + r0 * d, rows, S.get(), D1.get(), static_cast<T*>(nullptr), parallel);
     const T* G_t = output_grad(r0, rows, static_cast<const T*>(S.get()), G.get());
     backward_tile(net, e, X + r0 * d, rows, S.get(), D1.get(), G_t, r0 == 0, dW, db, da,
-                  dX ? dX + r0 * d : static_cast<T*>(nullptr), dS.get(), parallel);
+                  dX ? dX + r0 * d : static_cast<T*>(nullptr), parallel);
   }
   if (n == 0) {  // no tile ran: the gradients of an empty sum
     std::fill(dW, dW + m * d, T(0));
@@ -329,14 +480,13 @@ template <class T>
 T member_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, int64_t e, T* dW, T* db, T* da, bool parallel,
                        int64_t mean_rows) {
   const int64_t m = net.m, k = net.k, tile = tile_rows<T>(net.n, m);
-  const auto F = scratch<T>(tile * k), row_loss = scratch<T>(tile);
+  const auto F = Scratch<T>(tile * k), row_loss = Scratch<T>(tile);
   const T scale = loss_scale<T>(loss, mean_rows, k);
   T total = T(0);
   member_backward(net, e, dW, db, da, static_cast<T*>(nullptr), parallel,
                   [&](int64_t r0, int64_t rows, const T* S_t, T* G_t) {
-                    gemm(parallel, Trans::No, Trans::Yes, rows, k, m, net.output_scale, S_t, m, net.a_of(e), m, T(0),
-                         F.get(), k);
-                    total += loss_tile(loss, F.get(), Y + r0 * k, rows, k, scale, G_t, row_loss.get(), parallel);
+                    total += loss_tile(net, e, loss, S_t, Y + r0 * k, rows, scale, F.get(), G_t, row_loss.get(),
+                                       parallel);
                     return static_cast<const T*>(G_t);
                   });
   return total;
@@ -384,7 +534,7 @@ bool use_row_blocks(int64_t members, const Net<T>& member) {
 template <class T, class Contribution>
 void sum_over_row_blocks(int64_t n, int64_t P, T* out, Contribution&& contribution) {
   const int64_t blocks = row_blocks(n);
-  const auto partial = scratch<T>(blocks * P);
+  const auto partial = Scratch<T>(blocks * P);
   parallel_for(blocks, [&](int64_t block) {
     const int64_t r0 = block * kBlockRows;
     contribution(r0, std::min(kBlockRows, n - r0), partial.get() + block * P);
@@ -409,7 +559,7 @@ void split_params(const Net<T>& net, const T* flat, T* W, T* b, T* a) {
 template <class T>
 T blocked_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, T* dW, T* db, T* da) {
   const int64_t n = net.n;
-  const auto grad = scratch<T>(net.params()), block_loss = scratch<T>(row_blocks(n));
+  const auto grad = Scratch<T>(net.params()), block_loss = Scratch<T>(row_blocks(n));
   sum_over_row_blocks(n, net.params(), grad.get(), [&](int64_t r0, int64_t rows, T* g) {
     const auto [gW, gb, ga] = param_parts(net, g);
     block_loss[r0 / kBlockRows] =
@@ -440,7 +590,7 @@ void validate(const Net<T>& net) {
 template <class T>
 void member_forward(const Net<T>& net, int64_t e, T* F, bool parallel) {
   const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
-  const auto S = scratch<T>(tile * m), D1 = scratch<T>(tile * m);
+  const auto S = Scratch<T>(tile * m), D1 = Scratch<T>(tile * m);
   for (int64_t r0 = 0; r0 < n; r0 += tile) {
     const int64_t rows = std::min(tile, n - r0);
     hidden(net, e, net.X_of(e) + r0 * d, rows, S.get(), D1.get(), static_cast<T*>(nullptr), parallel);
@@ -467,7 +617,7 @@ template <class T>
 void backward(const Net<T>& net, const T* G, T* dW, T* db, T* da, T* dX) {
   validate(net);
   if (use_row_blocks(net.E, net)) {
-    const auto grad = scratch<T>(net.params());
+    const auto grad = Scratch<T>(net.params());
     sum_over_row_blocks(net.n, net.params(), grad.get(), [&](int64_t r0, int64_t rows, T* g) {
       const auto [gW, gb, ga] = param_parts(net, g);
       member_backward(row_view(net, 0, r0, rows), 0, gW, gb, ga, dX ? dX + r0 * net.d : static_cast<T*>(nullptr),
@@ -502,7 +652,7 @@ template <class T>
 HessianOperator<T>::HessianOperator(const Net<T>& net, const Targets<T>& targets) : net_(net), targets_(targets) {
   validate(net);
   const int64_t E = net.E, n = net.n, m = net.m, k = net.k;
-  for (auto* cache : {&S_, &D1_, &D2_, &dS_}) cache->reset(new T[E * n * m]);
+  for (auto* cache : {&S_, &D1_, &dS_D2_, &dZ_}) cache->reset(new T[E * n * m]);
   F_.reset(new T[E * n * k]);
   G_.reset(new T[E * n * k]);
   loss_.resize(E);
@@ -513,14 +663,16 @@ template <class T>
 void HessianOperator<T>::refresh() {
   const int64_t E = net_.E, n = net_.n, m = net_.m, k = net_.k;
   over_members(E, work_of(net_), [&](int64_t e, bool parallel) {
-    T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *D2 = D2_.get() + e * n * m;
-    T *F = F_.get() + e * n * k, *G = G_.get() + e * n * k, *dS = dS_.get() + e * n * m;
-    hidden(net_, e, net_.X_of(e), n, S, D1, D2, parallel);
-    gemm(parallel, Trans::No, Trans::Yes, n, k, m, net_.output_scale, S, m, net_.a_of(e), m, T(0), F, k);
-    const auto row_loss = scratch<T>(n);
-    loss_[e] = loss_tile(targets_.loss, F, targets_.Y_of(e, n, k), n, k, loss_scale<T>(targets_.loss, n, k), G,
-                         row_loss.get(), parallel);
-    gemm(parallel, Trans::No, Trans::No, n, m, k, net_.output_scale, G, k, net_.a_of(e), m, T(0), dS, m);
+    T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *dS_D2 = dS_D2_.get() + e * n * m;
+    T *F = F_.get() + e * n * k, *G = G_.get() + e * n * k, *dZ = dZ_.get() + e * n * m;
+    hidden(net_, e, net_.X_of(e), n, S, D1, dS_D2, parallel);
+    const auto row_loss = Scratch<T>(n);
+    loss_[e] = loss_tile(net_, e, targets_.loss, static_cast<const T*>(S), targets_.Y_of(e, n, k), n,
+                         loss_scale<T>(targets_.loss, n, k), F, G, row_loss.get(), parallel);
+    over_row_tasks(n, parallel, [&](int64_t r0, int64_t count) {
+      backprop_rows(count, m, k, net_.output_scale, G + r0 * k, net_.a_of(e), D1 + r0 * m, dZ + r0 * m,
+                    dS_D2 + r0 * m);
+    });
   });
 }
 
@@ -534,39 +686,27 @@ void HessianOperator<T>::apply_rows(int64_t e, int64_t row_begin, int64_t row_en
   const std::array<T*, 3> out_parts = param_parts(net, out);
   const T *vW = v_parts[0], *vb = v_parts[1], *va = v_parts[2];
   T *oW = out_parts[0], *ob = out_parts[1], *oa = out_parts[2];
-  const T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *D2 = D2_.get() + e * n * m;
-  const T *F = F_.get() + e * n * k, *G = G_.get() + e * n * k, *dS = dS_.get() + e * n * m;
+  const T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *dS_D2 = dS_D2_.get() + e * n * m;
+  const T *F = F_.get() + e * n * k, *G = G_.get() + e * n * k;
   const T* Y = targets_.Y_of(e, n, k);
   const T* X = net.X_of(e);
   const T* a = net.a_of(e);
   const T scale = loss_scale<T>(targets_.loss, n, k), os = net.output_scale;
-  const auto RZ = scratch<T>(tile * m), RS = scratch<T>(tile * m), RdZ = scratch<T>(tile * m);
-  const auto RF = scratch<T>(tile * k), RG = scratch<T>(tile * k);
+  const auto RZ = Scratch<T>(tile * m), RS = Scratch<T>(tile * m), RdZ = Scratch<T>(tile * m);
+  const auto RF = Scratch<T>(tile * k), RG = Scratch<T>(tile * k);
   for (int64_t r0 = row_begin; r0 < row_end; r0 += tile) {
     const int64_t rows = std::min(tile, row_end - r0);
     const T beta = r0 == row_begin ? T(0) : T(1);
-    const T *X_t = X + r0 * d, *S_t = S + r0 * m, *D1_t = D1 + r0 * m, *D2_t = D2 + r0 * m, *dS_t = dS + r0 * m;
-    const T *F_t = F + r0 * k, *G_t = G + r0 * k, *Y_t = Y + r0 * k;
-    // R{Z} = input_scale X vW^T + vb ; R{S} = sigma' R{Z}
+    const T *X_t = X + r0 * d, *S_t = S + r0 * m, *G_t = G + r0 * k;
+    // R{Z} = input_scale X vW^T (+ vb in the row pass)
     gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, vW, d, T(0), RZ.get(), m);
-    over_row_tasks(rows, parallel, [&](int64_t q0, int64_t count) {
-      r_activation(count, m, vb, D1_t + q0 * m, RZ.get() + q0 * m, RS.get() + q0 * m);
-    });
-    // R{F} = os (R{S} a^T + S va^T) ; R{G} = H_f R{F}
-    gemm(parallel, Trans::No, Trans::Yes, rows, k, m, os, RS.get(), m, a, m, T(0), RF.get(), k);
-    gemm(parallel, Trans::No, Trans::Yes, rows, k, m, os, S_t, m, va, m, T(1), RF.get(), k);
-    over_rows(rows, parallel, [&](int64_t r) {
-      loss_row_hessian(targets_.loss, F_t + r * k, Y_t + r * k, k, scale, RF.get() + r * k, RG.get() + r * k);
-    });
+    const RRows<T> pass{targets_.loss, m,        k,        os,       scale,    vb,       a,
+                        va,           S_t,      D1 + r0 * m, dS_D2 + r0 * m, F + r0 * k, Y + r0 * k, G_t,
+                        RZ.get(),     RS.get(), RF.get(), RG.get(), RdZ.get()};
+    over_row_tasks(rows, parallel, [&](int64_t q0, int64_t count) { r_rows(pass, q0, count); });
     // R{da} = os (R{G}^T S + G^T R{S})
     gemm(parallel, Trans::Yes, Trans::No, k, m, rows, os, RG.get(), k, S_t, m, beta, oa, m);
     gemm(parallel, Trans::Yes, Trans::No, k, m, rows, os, G_t, k, RS.get(), m, T(1), oa, m);
-    // R{dS} = os (R{G} a + G va) ; R{dZ} = R{dS} sigma' + dS sigma'' R{Z}
-    gemm(parallel, Trans::No, Trans::No, rows, m, k, os, RG.get(), k, a, m, T(0), RdZ.get(), m);
-    gemm(parallel, Trans::No, Trans::No, rows, m, k, os, G_t, k, va, m, T(1), RdZ.get(), m);
-    over_row_tasks(rows, parallel, [&](int64_t q0, int64_t count) {
-      r_backward(count * m, D1_t + q0 * m, dS_t + q0 * m, D2_t + q0 * m, RZ.get() + q0 * m, RdZ.get() + q0 * m);
-    });
     // R{dW} = input_scale R{dZ}^T X ; R{db} = column sums of R{dZ}
     gemm(parallel, Trans::Yes, Trans::No, m, d, rows, net.input_scale, RdZ.get(), m, X_t, d, beta, oW, d);
     if (ob) {
@@ -587,7 +727,17 @@ void HessianOperator<T>::apply(const T* V, T* out) const {
     });
     return;
   }
-  over_members(net_.E, work_of(net_), [&](int64_t e, bool parallel) {
+  // Members whose row of V is zero (an eigensolver feeds those once a member has converged) get a zero product at
+  // no cost; the others share the threads.
+  std::vector<int64_t> busy;
+  for (int64_t e = 0; e < net_.E; ++e) {
+    if (std::all_of(V + e * P, V + (e + 1) * P, [](T x) { return x == T(0); }))
+      std::fill(out + e * P, out + (e + 1) * P, T(0));
+    else
+      busy.push_back(e);
+  }
+  over_members(int64_t(busy.size()), work_of(net_), [&](int64_t i, bool parallel) {
+    const int64_t e = busy[i];
     apply_rows(e, 0, n, V + e * P, out + e * P, parallel);
   });
 }
@@ -597,19 +747,13 @@ void HessianOperator<T>::loss_and_grad(T* loss, T* dW, T* db, T* da) const {
   const Net<T>& net = net_;
   const int64_t n = net.n, m = net.m, k = net.k, d = net.d;
   over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
-    const T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *dS = dS_.get() + e * n * m;
-    const T* G = G_.get() + e * n * k;
-    const auto dZ = scratch<T>(n * m);
-    over_row_tasks(n, parallel, [&](int64_t r0, int64_t count) {
-      multiply(count * m, dS + r0 * m, D1 + r0 * m, dZ.get() + r0 * m);
-    });
+    const T *S = S_.get() + e * n * m, *dZ = dZ_.get() + e * n * m, *G = G_.get() + e * n * k;
     loss[e] = loss_[e];
     gemm(parallel, Trans::Yes, Trans::No, k, m, n, net.output_scale, G, k, S, m, T(0), da + e * k * m, m);
-    gemm(parallel, Trans::Yes, Trans::No, m, d, n, net.input_scale, dZ.get(), m, net.X_of(e), d, T(0),
-         dW + e * m * d, d);
+    gemm(parallel, Trans::Yes, Trans::No, m, d, n, net.input_scale, dZ, m, net.X_of(e), d, T(0), dW + e * m * d, d);
     if (net.b) {
       std::fill(db + e * m, db + e * m + m, T(0));
-      add_column_sums(dZ.get(), n, m, db + e * m);
+      add_column_sums(dZ, n, m, db + e * m);
     }
   });
 }
@@ -671,14 +815,13 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
       const HessianOperator<T>& op = *tracked_operator;
       std::vector<uint8_t> diverged(E);
       for (int64_t e = 0; e < E; ++e) diverged[e] = !std::isfinite(double(op.loss(e)));
-      // Diverged members see the zero operator: their rows of V and of the product are zeroed.
+      // Diverged members see the zero operator: their rows of V are zeroed, which the operator skips.
+      std::vector<T> clean(E * P);
       auto matvec = [&](const T* V, T* out) {
-        std::vector<T> clean(V, V + E * P);
+        std::copy(V, V + E * P, clean.begin());
         for (int64_t e = 0; e < E; ++e)
           if (diverged[e]) std::fill(clean.begin() + e * P, clean.begin() + (e + 1) * P, T(0));
         op.apply(clean.data(), out);
-        for (int64_t e = 0; e < E; ++e)
-          if (diverged[e]) std::fill(out + e * P, out + (e + 1) * P, T(0));
       };
       const int64_t row = step / tracking.every;
       if (warm)

@@ -60,8 +60,9 @@ void backward(const Net<T>& net, const T* G, T* dW, T* db, T* da, T* dX);
 template <class T>
 void loss_and_grad(const Net<T>& net, const Targets<T>& targets, T* loss, T* dW, T* db, T* da);
 
-// The Hessian of each member's full-batch loss, as an operator. Construction caches S, sigma', sigma'', the output
-// gradients and the backpropagated dS, so each apply() costs about one gradient (two GEMMs of the input size).
+// The Hessian of each member's full-batch loss, as an operator. Construction caches S, sigma', the outputs and their
+// gradients, and the backpropagated dS times sigma' and sigma'', so each apply() costs about one gradient (two GEMMs
+// of the input size).
 // Vectors are flattened per member: V, out [E, P] with P = net.params().
 template <class T>
 class HessianOperator {
@@ -70,6 +71,7 @@ class HessianOperator {
   // Recomputes the caches at the current values of the parameters the net points to (same shapes, same buffers:
   // the training loop refreshes one operator instead of allocating a new one at every tracked step).
   void refresh();
+  // A member whose row of V is zero costs nothing (its product is zero).
   void apply(const T* V, T* out) const;
   // The contribution of rows row_begin .. row_end of member e's batch to its product (the whole product for 0 .. n).
   void apply_rows(int64_t e, int64_t row_begin, int64_t row_end, const T* v, T* out, bool inner_parallel) const;
@@ -84,7 +86,8 @@ class HessianOperator {
   Targets<T> targets_;
   // Each [E, n, m] or [E, n, k]; left uninitialised (every entry is written before it is read), which spares a
   // memset of the four large caches on every construction.
-  std::unique_ptr<T[]> S_, D1_, D2_, F_, G_, dS_;
+  // dZ_ = dS sigma' (what the gradient needs) and dS_D2_ = dS sigma'' (what the HVP needs) with dS = os G a.
+  std::unique_ptr<T[]> S_, D1_, dS_D2_, dZ_, F_, G_;
   std::vector<T> loss_;                      // [E]
 };
 

@@ -22,7 +22,10 @@ class Trajectory:
 
 
 class HessianOperator:
-    """Each member's loss Hessian at fixed parameters: ``shape`` (E, P, P), ``dtype``, ``matvec(V [E, P])``."""
+    """Each member's loss Hessian at fixed parameters: ``shape`` (E, P, P), ``dtype``, ``matvec(V [E, P])``.
+
+    A zero row of V costs nothing (its product is zero), so a batched eigensolver pays only for its unconverged
+    members."""
 
     def __init__(self, native, shape, dtype):
         self.native, self.shape, self.dtype = native, shape, dtype
@@ -49,7 +52,8 @@ class TwoLayer:
     Attributes
     ----------
     W [E, m, d], b [E, m] (or None), a [E, k, m] : numpy arrays of ``dtype``, C-contiguous, owned by the model;
-        assign new arrays of the same shape and dtype to set them.
+        assign new arrays of the same shape and dtype to set them (checked on assignment: a wrong shape, dtype or
+        layout raises there, not at the next kernel call).
     scaling : the parameterization evaluated at (d, m).
 
     Arrays passed to methods: X [n, d] (shared by the members) or [E, n, d]; Y [n, k] or [E, n, k] of the model's
@@ -68,7 +72,7 @@ class TwoLayer:
             a.append(rng.standard_normal((self.k, self.m)) * self.scaling.std_a)
         self.W = np.ascontiguousarray(W, dtype=self.dtype)
         self.a = np.ascontiguousarray(a, dtype=self.dtype)
-        self.b = np.zeros((self.ensemble, self.m), dtype=self.dtype) if bias else None
+        self.b = np.zeros((self.ensemble, self.m), dtype=self.dtype) if self._bias else None
 
     def _configure(self, d, m, k, activation, param, bias, ensemble, dtype) -> None:
         """Checked sizes, names and dtype, and the parameterization's scaling (no parameters)."""
@@ -81,7 +85,11 @@ class TwoLayer:
         self.dtype = check_dtype(dtype)
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError(f"bias: expected a bool, got {type(bias).__name__}")
+        self._bias = bool(bias)
         self.scaling = scaling(self.param, self.d, self.m)
+        self._suffix = "f32" if self.dtype == np.float32 else "f64"
+        self._config = _core.twolayer.Config(self.scaling.input_scale, self.scaling.output_scale,
+                                             ACTIVATIONS.index(self.activation))
 
     @classmethod
     def from_arrays(cls, W: np.ndarray, b: np.ndarray | None, a: np.ndarray, activation: str = "relu",
@@ -94,57 +102,72 @@ class TwoLayer:
         model = cls.__new__(cls)
         model._configure(d, m, a.shape[1], activation, param, b is not None, E, W.dtype)
         model.W, model.b, model.a = W, b, a
-        model._check_params()
         return model
 
-    # -- plumbing -----------------------------------------------------------------------------------------------
+    # -- parameters: checked when assigned, so kernel calls need not check them again ----------------------------
     @property
-    def _suffix(self) -> str:
-        return "f32" if self.dtype == np.float32 else "f64"
+    def W(self) -> np.ndarray:
+        """Input weights [E, m, d]."""
+        return self._W
 
+    @W.setter
+    def W(self, value: np.ndarray) -> None:
+        self._W = check_array(value, "W", dtype=self.dtype, shape=(self.ensemble, self.m, self.d))
+
+    @property
+    def b(self) -> np.ndarray | None:
+        """Hidden biases [E, m], or None for a model without bias."""
+        return self._b
+
+    @b.setter
+    def b(self, value: np.ndarray | None) -> None:
+        if (value is None) == self._bias:
+            raise ValueError(f"b: the model was built with bias={self._bias}, got {type(value).__name__}")
+        self._b = value if value is None else check_array(value, "b", dtype=self.dtype, shape=(self.ensemble, self.m))
+
+    @property
+    def a(self) -> np.ndarray:
+        """Output weights [E, k, m]."""
+        return self._a
+
+    @a.setter
+    def a(self, value: np.ndarray) -> None:
+        self._a = check_array(value, "a", dtype=self.dtype, shape=(self.ensemble, self.k, self.m))
+
+    # -- plumbing -----------------------------------------------------------------------------------------------
     def _native(self, name: str):
         return getattr(_core.twolayer, f"{name}_{self._suffix}")
 
     @property
     def config(self):
         """The kernel configuration (scales and activation code) passed to ``physai._core.twolayer``."""
-        return _core.twolayer.Config(self.scaling.input_scale, self.scaling.output_scale,
-                                     ACTIVATIONS.index(self.activation))
+        return self._config
 
     @property
     def num_params(self) -> int:
         """Parameters per member P = m d + m (with bias) + k m, in the flattened order [W, b, a]."""
         return self.m * self.d + (self.m if self.b is not None else 0) + self.k * self.m
 
-    def _check_params(self):
-        E, m, d, k = self.ensemble, self.m, self.d, self.k
-        check_array(self.W, "W", dtype=self.dtype, shape=(E, m, d))
-        check_array(self.a, "a", dtype=self.dtype, shape=(E, k, m))
-        if self.b is not None:
-            check_array(self.b, "b", dtype=self.dtype, shape=(E, m))
-
     def _check_X(self, X) -> np.ndarray:
-        check_array(X, "X", ndim=(2, 3))
-        return check_array(X, "X", dtype=self.dtype, shape=(None, self.d) if X.ndim == 2 else (self.ensemble, None, self.d))
+        """X [n, d] shared by the members or [E, n, d]."""
+        per_member = (self.ensemble,) if isinstance(X, np.ndarray) and X.ndim == 3 else ()
+        return check_array(X, "X", dtype=self.dtype, shape=per_member + (None, self.d))
 
     def _check_XY(self, X, Y, loss) -> tuple[np.ndarray, np.ndarray, int]:
         X = self._check_X(X)
-        n = X.shape[-2]
-        check_array(Y, "Y", ndim=(2, 3))
-        check_array(Y, "Y", dtype=self.dtype, shape=(n, self.k) if Y.ndim == 2 else (self.ensemble, n, self.k))
+        per_member = (self.ensemble,) if isinstance(Y, np.ndarray) and Y.ndim == 3 else ()
+        check_array(Y, "Y", dtype=self.dtype, shape=per_member + (X.shape[-2], self.k))
         return X, Y, LOSSES.index(check_choice(loss, "loss", LOSSES))
 
     # -- kernels ------------------------------------------------------------------------------------------------
     def forward(self, X: np.ndarray) -> np.ndarray:
         """Outputs F [E, n, k]."""
-        self._check_params()
         return self._native("forward")(self._check_X(X), self.W, self.b, self.a, self.config)
 
     __call__ = forward
 
     def loss_and_grad(self, X: np.ndarray, Y: np.ndarray, loss: str = "mse"):
         """Per-member loss [E] and gradients ``(dW [E,m,d], db [E,m] or None, da [E,k,m])``, one fused pass."""
-        self._check_params()
         X, Y, code = self._check_XY(X, Y, loss)
         value, dW, db, da = self._native("loss_and_grad")(X, self.W, self.b, self.a, Y, self.config, code)
         return value, (dW, db, da)
@@ -155,7 +178,6 @@ class TwoLayer:
         ``physai.spectrum.lanczos`` and friends accept. Building it caches the activations and their derivatives, so
         each matvec costs about one gradient. It keeps references to X, Y and the parameter arrays; changing them in
         place afterwards changes what it computes."""
-        self._check_params()
         X, Y, code = self._check_XY(X, Y, loss)
         native = self._native("HessianOperator")(X, self.W, self.b, self.a, Y, self.config, code)
         return HessianOperator(native, (self.ensemble, self.num_params, self.num_params), self.dtype)
@@ -168,7 +190,6 @@ class TwoLayer:
         ``physai.spectrum.EigenResult`` (values [E, k], vectors [E, k, P], matvecs [E], converged [E])."""
         from physai.spectrum import EigenResult
 
-        self._check_params()
         X, Y, code = self._check_XY(X, Y, loss)
         options = self._eig_options(k, method, tol, max_iter, which, seed)
         if v0 is not None:
@@ -230,7 +251,6 @@ class TwoLayer:
         Returns a ``Trajectory``: losses [steps, E] (each step's loss before its update), and when tracking
         sharpness [T, E], sharpness_steps [T], matvecs [T, E].
         """
-        self._check_params()
         X, Y, code = self._check_XY(X, Y, loss)
         steps = check_int(steps, "steps", min=0)
         batch_size = 0 if batch_size is None else check_int(batch_size, "batch_size", min=1)
