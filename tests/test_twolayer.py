@@ -37,6 +37,17 @@ def assert_close(actual, expected, dtype, what=""):
         np.testing.assert_allclose(x, y, **TOL[dtype], err_msg=what)
 
 
+def assert_matches_reference(net, X, Y, v, loss, dtype, what):
+    """Native forward, loss, gradient and HVP against the numpy reference."""
+    p = net.reference_params()
+    np.testing.assert_allclose(net.forward(X), R.forward(p, X)[0], **TOL[dtype], err_msg=what)
+    value, grads = net.loss_and_grad(X, Y, loss)
+    ref_value, ref_grads = R.loss_and_grad(p, X, Y, loss)
+    np.testing.assert_allclose(value, ref_value, **TOL[dtype], err_msg=what)
+    assert_close(grads, ref_grads, dtype, what)
+    assert_close(net.hvp(X, Y, v, loss), R.hvp(p, X, Y, v, loss), dtype, what)
+
+
 GRID = [(act, loss, param) for act in ACTIVATIONS for loss in LOSSES for param in PARAMETERIZATIONS]
 
 
@@ -45,14 +56,8 @@ GRID = [(act, loss, param) for act in ACTIVATIONS for loss in LOSSES for param i
 def test_native_matches_reference(activation, loss, param, dtype):
     for per_member in (False, True):
         net, X, Y, v = make_problem(activation, loss, param, dtype, per_member_x=per_member, per_member_y=per_member)
-        p = net.reference_params()
-        what = f"{activation}/{loss}/{param}/{np.dtype(dtype).name}/per_member={per_member}"
-        np.testing.assert_allclose(net.forward(X), R.forward(p, X)[0], **TOL[dtype], err_msg=what)
-        value, grads = net.loss_and_grad(X, Y, loss)
-        ref_value, ref_grads = R.loss_and_grad(p, X, Y, loss)
-        np.testing.assert_allclose(value, ref_value, **TOL[dtype], err_msg=what)
-        assert_close(grads, ref_grads, dtype, what)
-        assert_close(net.hvp(X, Y, v, loss), R.hvp(p, X, Y, v, loss), dtype, what)
+        assert_matches_reference(net, X, Y, v, loss, dtype,
+                                 f"{activation}/{loss}/{param}/{np.dtype(dtype).name}/per_member={per_member}")
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -65,14 +70,7 @@ def test_vector_widths_match_reference(m, k, dtype):
     for E, n in ((1, 200), (2, 45)):
         for loss in LOSSES:
             net, X, Y, v = make_problem("softplus", loss, "standard", dtype, E=E, n=n, d=11, m=m, k=k)
-            p = net.reference_params()
-            what = f"m={m} k={k} E={E} {loss} {np.dtype(dtype).name}"
-            np.testing.assert_allclose(net.forward(X), R.forward(p, X)[0], **TOL[dtype], err_msg=what)
-            value, grads = net.loss_and_grad(X, Y, loss)
-            ref_value, ref_grads = R.loss_and_grad(p, X, Y, loss)
-            np.testing.assert_allclose(value, ref_value, **TOL[dtype], err_msg=what)
-            assert_close(grads, ref_grads, dtype, what)
-            assert_close(net.hvp(X, Y, v, loss), R.hvp(p, X, Y, v, loss), dtype, what)
+            assert_matches_reference(net, X, Y, v, loss, dtype, f"m={m} k={k} E={E} {loss} {np.dtype(dtype).name}")
 
 
 def test_reused_scratch_memory_leaves_no_trace():
