@@ -73,6 +73,17 @@ def test_vector_widths_match_reference(m, k, dtype):
             assert_matches_reference(net, X, Y, v, loss, dtype, f"m={m} k={k} E={E} {loss} {np.dtype(dtype).name}")
 
 
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-6), (np.float64, 1e-14)])
+def test_native_tanh_is_accurate(dtype, rtol):
+    # One unit with W = a = 1: the outputs are tanh of the inputs themselves, over a wide grid, against double tanh.
+    net = TwoLayer(1, 1, 1, "tanh", bias=False, dtype=dtype)
+    net.W[:] = 1.0
+    net.a[:] = 1.0
+    x = np.concatenate([np.linspace(-20, 20, 200_001), np.geomspace(1e-12, 20, 10_001)]).astype(dtype)
+    expected = np.tanh(x.astype(np.float64))
+    np.testing.assert_allclose(net.forward(x[:, None])[0, :, 0], expected, rtol=rtol, atol=0)
+
+
 def test_reused_scratch_memory_leaves_no_trace():
     # Kernels keep per-thread scratch buffers between calls; a call after calls of other shapes must give the same
     # bits as the first call of its shape.

@@ -1,6 +1,7 @@
 // Branch-free, inlineable expm1 and tanh for float and double, so elementwise loops over activations vectorise
 // (libm's scalar tanh costs ~10 ns an element and dominated the two-layer kernels). Accuracy: a few ulp
-// (Taylor polynomials of degree 8 / 14 on the reduced range |r| <= ln2/2, then exact scaling by 2^n).
+// (Taylor polynomials of degree 8 / 14 on the reduced range |r| <= ln2/2, then exact scaling by 2^n; float tanh is a
+// rational approximation).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -77,6 +78,28 @@ template <class T>
 __attribute__((always_inline)) inline T tanh(T x) {
   const T em = expm1(T(-2) * std::fabs(x));
   return std::copysign(-em / (T(2) + em), x);
+}
+
+// float: a rational minimax approximation (odd degree 13 over even degree 6, Eigen's float tanh) on |x| <= 7.9,
+// where tanh rounds to +-1 beyond; within 7 ulp (4e-7 relative, checked against double tanh on a fine grid) at
+// about two thirds of the cost of the expm1 form.
+template <>
+__attribute__((always_inline)) inline float tanh(float x) {
+  const float bound = 7.90531110763549805f;
+  x = x < -bound ? -bound : (x > bound ? bound : x);
+  const float x2 = x * x;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 - 8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return x * p / q;
 }
 
 }  // namespace physai::fastmath
