@@ -58,11 +58,15 @@ constexpr uint32_t kDomainBreakdown = 0x5ec1; // fresh directions after an invar
 
 namespace detail {
 
+// Four partial sums in a fixed lane order, so the loop vectorises and the result still depends only on n.
 template <class T>
 double dot(const T* a, const T* b, int64_t n) {
-  double s = 0.0;
-  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(a[i]) * static_cast<double>(b[i]);
-  return s;
+  double partial[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int q = 0; q < 4; ++q) partial[q] += static_cast<double>(a[i + q]) * static_cast<double>(b[i + q]);
+  for (int q = 0; i + q < n; ++q) partial[q] += static_cast<double>(a[i + q]) * static_cast<double>(b[i + q]);
+  return (partial[0] + partial[1]) + (partial[2] + partial[3]);
 }
 
 template <class T>
@@ -101,17 +105,24 @@ void fix_sign(T* v, int64_t n) {
 }
 
 // parallel_for whose body may throw: an exception must not escape an OpenMP region, so each member's is kept
-// and the first (in member order) is rethrown after the loop.
+// and the first (in member order) is rethrown after the loop. Members of a few thousand values run on one thread:
+// the solver's work per member is a handful of passes over them, less than waking the other threads costs.
 template <class Body>
-void guarded_parallel_for(int64_t n, Body&& body) {
-  std::vector<std::exception_ptr> errors(n);
-  parallel_for(n, [&](int64_t i) {
+void guarded_parallel_for(int64_t batch, int64_t n, Body&& body) {
+  constexpr int64_t kParallelValues = int64_t(1) << 14;
+  std::vector<std::exception_ptr> errors(batch);
+  auto guarded = [&](int64_t i) {
     try {
       body(i);
     } catch (...) {
       errors[i] = std::current_exception();
     }
-  });
+  };
+  if (batch * n < kParallelValues) {
+    for (int64_t i = 0; i < batch; ++i) guarded(i);
+  } else {
+    parallel_for(batch, guarded);
+  }
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
 }
@@ -194,7 +205,7 @@ void power_iteration(MatVec&& matvec, int64_t batch, int64_t n, const Options& o
   PHYSAI_REQUIRE(opt.max_matvecs >= 1, "power_iteration: max_matvecs must be >= 1");
   std::vector<T> X(static_cast<size_t>(batch) * n), Y(X.size());
   std::vector<uint8_t> done(batch, 0);
-  detail::guarded_parallel_for(batch, [&](int64_t b) {
+  detail::guarded_parallel_for(batch, n, [&](int64_t b) {
     T* x = X.data() + b * n;
     detail::start_vector(opt, v0, b, n, x, "power_iteration");
     matvecs[b] = 0;
@@ -203,7 +214,7 @@ void power_iteration(MatVec&& matvec, int64_t batch, int64_t n, const Options& o
   int64_t active = batch;
   while (active > 0) {
     matvec(static_cast<const T*>(X.data()), Y.data());
-    detail::guarded_parallel_for(batch, [&](int64_t b) {
+    detail::guarded_parallel_for(batch, n, [&](int64_t b) {
       if (done[b]) return;
       T* x = X.data() + b * n;
       const T* y = Y.data() + b * n;
@@ -252,7 +263,7 @@ void lanczos(MatVec&& matvec, int64_t batch, int64_t n, const Options& opt, cons
 
   std::vector<detail::LanczosMember<T>> members(batch);
   std::vector<T> X(static_cast<size_t>(batch) * n), Y(X.size());
-  detail::guarded_parallel_for(batch, [&](int64_t b) {
+  detail::guarded_parallel_for(batch, n, [&](int64_t b) {
     auto& s = members[b];
     s.n = n;
     s.m = m;
@@ -288,7 +299,7 @@ void lanczos(MatVec&& matvec, int64_t batch, int64_t n, const Options& opt, cons
         std::copy(s.v(s.j), s.v(s.j) + n, X.begin() + b * n);
     }
     matvec(static_cast<const T*>(X.data()), Y.data());
-    detail::guarded_parallel_for(batch, [&](int64_t b) {
+    detail::guarded_parallel_for(batch, n, [&](int64_t b) {
       auto& s = members[b];
       if (s.done) return;
       ++matvecs[b];
