@@ -74,7 +74,8 @@ void over_row_tasks(int64_t rows, bool parallel, Body&& body) {
 constexpr int64_t kSmallDim = 8;
 
 // One AVX2 register of T as a GCC vector (8 floats, 4 doubles). GCC lowers vectors wider than the target's registers
-// through the stack, so this is the width every clone handles well (AVX-512 CPUs run two per cycle).
+// through the stack, so this is the width every clone handles well; the AVX-512 clone loses little, since the CPUs
+// that have it issue two such operations per cycle.
 template <class T>
 struct Vec {
   typedef T type __attribute__((vector_size(32)));
