@@ -4,8 +4,9 @@
 //
 // Every batch member runs its own solver and converges independently. The callback is always called on the
 // whole [batch, n] block (so batched operators keep their shape); members that have converged are fed zero
-// vectors and are not charged a matvec (an operator may skip zero rows, as the fused two-layer HVP does). Vectors are stored in T, every reduction is accumulated in double in a
-// fixed order, and members never share work, so results do not depend on the thread count.
+// vectors and are not charged a matvec (an operator may skip zero rows, as the fused two-layer HVP does). Vectors
+// are stored in T, every reduction is accumulated in double in a fixed order, and members never share work, so
+// results do not depend on the thread count.
 #pragma once
 #include <lapacke.h>
 

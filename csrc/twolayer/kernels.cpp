@@ -58,7 +58,8 @@ void over_rows(int64_t rows, bool parallel, Body&& body) {
   }
 }
 
-// body(first_row, count) over runs of rows within one GEMM-split member: each parallel task large enough to vectorise and amortise its dispatch.
+// body(first_row, count) over runs of rows within one GEMM-split member: each parallel task large enough to
+// vectorise and amortise its dispatch.
 template <class Body>
 void over_row_tasks(int64_t rows, bool parallel, Body&& body) {
   constexpr int64_t kRowsPerTask = 16;
@@ -522,9 +523,9 @@ Net<T> row_view(const Net<T>& net, int64_t e, int64_t r0, int64_t rows) {
 constexpr int64_t kBlockRows = 128;
 constexpr int64_t kBlockedWork = int64_t(1) << 26;
 
-// members: how many members the call has (blocks are for a lone member); member: the one-member net (or view).
 inline int64_t row_blocks(int64_t n) { return (n + kBlockRows - 1) / kBlockRows; }
 
+// members: how many members the call has (blocks are for a lone member); member: the one-member net (or view).
 template <class T>
 bool use_row_blocks(int64_t members, const Net<T>& member) {
   return members == 1 && member.n > kBlockRows && work_of(member) < kBlockedWork;

@@ -148,15 +148,17 @@ class TwoLayer:
         """Parameters per member P = m d + m (with bias) + k m, in the flattened order [W, b, a]."""
         return self.m * self.d + (self.m if self.b is not None else 0) + self.k * self.m
 
+    def _check_data(self, x, name: str, *shape) -> np.ndarray:
+        """x of the model's dtype shaped ``shape`` (shared by the members) or [E, *shape] (one slice per member)."""
+        per_member = (self.ensemble,) if isinstance(x, np.ndarray) and x.ndim == len(shape) + 1 else ()
+        return check_array(x, name, dtype=self.dtype, shape=per_member + shape)
+
     def _check_X(self, X) -> np.ndarray:
-        """X [n, d] shared by the members or [E, n, d]."""
-        per_member = (self.ensemble,) if isinstance(X, np.ndarray) and X.ndim == 3 else ()
-        return check_array(X, "X", dtype=self.dtype, shape=per_member + (None, self.d))
+        return self._check_data(X, "X", None, self.d)
 
     def _check_XY(self, X, Y, loss) -> tuple[np.ndarray, np.ndarray, int]:
         X = self._check_X(X)
-        per_member = (self.ensemble,) if isinstance(Y, np.ndarray) and Y.ndim == 3 else ()
-        check_array(Y, "Y", dtype=self.dtype, shape=per_member + (X.shape[-2], self.k))
+        Y = self._check_data(Y, "Y", X.shape[-2], self.k)
         return X, Y, LOSSES.index(check_choice(loss, "loss", LOSSES))
 
     # -- kernels ------------------------------------------------------------------------------------------------
