@@ -48,11 +48,17 @@ def parse_and_resolve(task, text):
 def check_against_text(task, batch):
     for b in range(len(batch)):
         resolved = parse_and_resolve(task, task.decode(batch.tokens[b]))
-        for i in range(task.n_vars):
-            var = task.vocab[int(batch.tokens[b, batch.positions[b, i]])]
+        order = [task.vocab[int(batch.tokens[b, at])] for at in batch.positions[b]]
+        parents = [task.vocab[int(batch.tokens[b, at + 3])] for at in batch.positions[b]]
+        for i, var in enumerate(order):
             assert resolved[var] == (batch.labels[b, i], batch.depth[b, i], batch.positions[b, i])
-        # graph order: roots first within each component, parents before children
-        assert (batch.depth[b] >= 0).all()
+        # graph order: one root per component, every parent listed before its children
+        assert parents.count("1") == task.components
+        assert all(parent == "1" or order.index(parent) < i for i, parent in enumerate(parents))
+        if task.graph == "chain":
+            assert max(parents.count(var) for var in order) <= 1
+        if not task.shuffle:
+            np.testing.assert_array_equal(batch.positions[b], 1 + 5 * np.arange(task.n_vars))
 
 
 TASKS = [
@@ -71,6 +77,16 @@ def test_native_matches_reference_and_text(kwargs):
     task = LegoTask(**kwargs)
     native = task.sample(23, seed=5, start=17)
     assert_batches_equal(native, reference.sample(task, 23, seed=5, start=17))
+    check_against_text(task, native)
+
+
+@pytest.mark.parametrize("group", ["s3", "z7"])
+def test_longest_draws_over_several_chunks(group):
+    # A shuffled tree over a group whose order is not a power of two makes the most random draws per sample; 300
+    # samples fill two whole chunks of the native generator's draw buffer and part of a third.
+    task = LegoTask(26, group, "tree")
+    native = task.sample(300, seed=3, start=2**40)
+    assert_batches_equal(native, reference.sample(task, 300, seed=3, start=2**40))
     check_against_text(task, native)
 
 

@@ -20,9 +20,11 @@ void generate(const Spec& spec, uint64_t seed, uint64_t start, int64_t batch, in
   constexpr int kGroup = 4;
   const int64_t chunks = (batch + kChunk - 1) / kChunk;
   // The random words of a chunk are made first, vectorised across samples, then consumed sample by sample.
+  constexpr uint32_t kMaxBlocks = (kMaxTypicalDraws + 3) / 4;
   const uint32_t blocks = static_cast<uint32_t>((typical_draws(spec) + 3) / 4);
+  PHYSAI_REQUIRE(blocks <= kMaxBlocks, "lego: internal error, ", blocks, " Philox blocks per sample exceed ", kMaxBlocks);
   parallel_for(chunks, [&](int64_t c) {
-    uint32_t words[kChunk * 4 * ((3 * kMaxVars + 3) / 4)];
+    uint32_t words[kChunk * 4 * kMaxBlocks];
     const int64_t first = c * kChunk, count = first + kChunk < batch ? kChunk : batch - first;
     philox_stream_blocks(seed, start + static_cast<uint64_t>(first), count, kLegoDomain, blocks, words);
     for (int64_t g0 = 0; g0 < count; g0 += kGroup) {

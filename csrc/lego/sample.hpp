@@ -157,6 +157,9 @@ PHYSAI_HD int32_t typical_draws(const Spec& s) {
          (s.shuffle ? s.n_vars - 1 : 0);
 }
 
+// Bound on typical_draws over every spec: names, parents, elements and the shuffle take fewer than n_vars each.
+constexpr int32_t kMaxTypicalDraws = 4 * kMaxVars;
+
 // Writes tokens [5n+2], labels/positions/depth [n] of sample `index`. Variables are in graph order: component
 // by component, each root first; a chain's variables follow the chain, a tree's follow node creation order.
 PHYSAI_HD void sample_one(const Spec& s, uint64_t seed, uint64_t index, int64_t* tokens, int64_t* labels,
