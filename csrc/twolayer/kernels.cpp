@@ -745,19 +745,16 @@ void HessianOperator<T>::apply(const T* V, T* out) const {
 }
 
 template <class T>
-void HessianOperator<T>::loss_and_grad(T* loss, T* dW, T* db, T* da) const {
+void HessianOperator<T>::member_gradient(int64_t e, bool parallel, T* dW, T* db, T* da) const {
   const Net<T>& net = net_;
   const int64_t n = net.n, m = net.m, k = net.k, d = net.d;
-  over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
-    const T *S = S_.get() + e * n * m, *dZ = dZ_.get() + e * n * m, *G = G_.get() + e * n * k;
-    loss[e] = loss_[e];
-    gemm(parallel, Trans::Yes, Trans::No, k, m, n, net.output_scale, G, k, S, m, T(0), da + e * k * m, m);
-    gemm(parallel, Trans::Yes, Trans::No, m, d, n, net.input_scale, dZ, m, net.X_of(e), d, T(0), dW + e * m * d, d);
-    if (net.b) {
-      std::fill(db + e * m, db + e * m + m, T(0));
-      add_column_sums(dZ, n, m, db + e * m);
-    }
-  });
+  const T *S = S_.get() + e * n * m, *dZ = dZ_.get() + e * n * m, *G = G_.get() + e * n * k;
+  gemm(parallel, Trans::Yes, Trans::No, k, m, n, net.output_scale, G, k, S, m, T(0), da, m);
+  gemm(parallel, Trans::Yes, Trans::No, m, d, n, net.input_scale, dZ, m, net.X_of(e), d, T(0), dW, d);
+  if (db) {
+    std::fill(db, db + m, T(0));
+    add_column_sums(dZ, n, m, db);
+  }
 }
 
 // Lanczos (k pairs) or power iteration (the dominant pair) from csrc/spectrum on a batched matvec.
@@ -793,6 +790,7 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
   std::vector<T> eigenvector(tracking.every > 0 ? E * P : 0), top(E);
   std::vector<uint8_t> converged(E);
   std::unique_ptr<HessianOperator<T>> tracked_operator;
+  std::vector<T> clean;  // V with the rows of diverged members zeroed
   bool warm = false;
 
   auto update = [&](int64_t e) {
@@ -817,10 +815,11 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
       const HessianOperator<T>& op = *tracked_operator;
       std::vector<uint8_t> diverged(E);
       for (int64_t e = 0; e < E; ++e) diverged[e] = !std::isfinite(double(op.loss(e)));
+      const bool any_diverged = std::find(diverged.begin(), diverged.end(), 1) != diverged.end();
       // Diverged members see the zero operator: their rows of V are zeroed, which the operator skips.
-      std::vector<T> clean(E * P);
       auto matvec = [&](const T* V, T* out) {
-        std::copy(V, V + E * P, clean.begin());
+        if (!any_diverged) return op.apply(V, out);
+        clean.assign(V, V + E * P);
         for (int64_t e = 0; e < E; ++e)
           if (diverged[e]) std::fill(clean.begin() + e * P, clean.begin() + (e + 1) * P, T(0));
         op.apply(clean.data(), out);
@@ -837,8 +836,12 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
       for (int64_t e = 0; e < E; ++e)
         tracking.sharpness[row * E + e] = diverged[e] ? std::numeric_limits<T>::quiet_NaN() : top[e];
       if (rows == n) {
-        op.loss_and_grad(losses + step * E, dW.data(), b ? db.data() : nullptr, da.data());
-        over_members(E, work_of(net), [&](int64_t e, bool) { update(e); });
+        over_members(E, work_of(net), [&](int64_t e, bool parallel) {
+          losses[step * E + e] = op.loss(e);
+          op.member_gradient(e, parallel, dW.data() + e * m * d, b ? db.data() + e * m : nullptr,
+                             da.data() + e * k * m);
+          update(e);
+        });
         continue;
       }
     }

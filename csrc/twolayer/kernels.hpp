@@ -75,8 +75,9 @@ class HessianOperator {
   void apply(const T* V, T* out) const;
   // The contribution of rows row_begin .. row_end of member e's batch to its product (the whole product for 0 .. n).
   void apply_rows(int64_t e, int64_t row_begin, int64_t row_end, const T* v, T* out, bool inner_parallel) const;
-  // The loss [E] and gradients at the operator's parameters, from the cached quantities (one GEMM per member).
-  void loss_and_grad(T* loss, T* dW, T* db, T* da) const;
+  // Member e's gradients at the operator's parameters, from the cached quantities (two GEMMs of the input size);
+  // db null without bias. Its loss is loss(e).
+  void member_gradient(int64_t e, bool inner_parallel, T* dW, T* db, T* da) const;
   const Net<T>& net() const { return net_; }
   int64_t params() const { return net_.params(); }
   T loss(int64_t e) const { return loss_[e]; }
