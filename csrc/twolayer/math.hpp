@@ -63,8 +63,9 @@ PHYSAI_MATH void activate(Activation act, T x, T& s, T& ds, T& dds) {
     case Activation::Softplus: {
       const T e = std::exp(-std::fabs(x));
       s = (x > T(0) ? x : T(0)) + std::log1p(e);
-      const T p = x >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);  // sigmoid(x)
-      ds = p; dds = p * (T(1) - p);
+      const T r = T(1) / (T(1) + e);
+      ds = x >= T(0) ? r : e * r;  // sigmoid(x)
+      dds = e * r * r;             // sigmoid(x) sigmoid(-x), without the cancellation of p (1 - p) in the tails
       return;
     }
   }
@@ -74,6 +75,13 @@ template <class T>
 PHYSAI_MATH T sigmoid(T x) {
   const T e = std::exp(-std::fabs(x));
   return x >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+}
+
+// sigmoid(x) sigmoid(-x) = e^{-|x|} / (1 + e^{-|x|})^2: full relative accuracy in the tails, where p (1 - p) is 0.
+template <class T>
+PHYSAI_MATH T sigmoid_slope(T x) {
+  const T e = std::exp(-std::fabs(x)), r = T(1) / (T(1) + e);
+  return e * r * r;
 }
 
 // softplus(x) = log(1 + e^x), stable for large |x|
@@ -128,8 +136,7 @@ PHYSAI_MATH void loss_row_hessian(Loss loss, const T* f, const T* y, int64_t k, 
       return;
     case Loss::Logistic:
       for (int64_t j = 0; j < k; ++j) {
-        const T p = sigmoid(y[j] * f[j]);
-        out[j] = p * (T(1) - p) * y[j] * y[j] * v[j] * scale;
+        out[j] = sigmoid_slope(y[j] * f[j]) * y[j] * y[j] * v[j] * scale;
       }
       return;
     case Loss::CrossEntropy: {

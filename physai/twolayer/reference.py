@@ -55,8 +55,7 @@ def activation(name: str, z: np.ndarray):
     if name == "linear":
         return z, np.ones_like(z), np.zeros_like(z)
     if name == "softplus":
-        p = expit(z)
-        return np.logaddexp(0, z), p, p * (1 - p)
+        return np.logaddexp(0, z), expit(z), expit(z) * expit(-z)
     raise ValueError(f"activation: unknown {name!r}")
 
 
@@ -96,9 +95,9 @@ def loss_terms(loss: str, F, Y):
     if loss == "logistic":
         scale = 1 / (n * k)
         margin = Y * F
-        p = expit(margin)
+        slope = expit(margin) * expit(-margin)
         return (np.logaddexp(0, -margin).sum((1, 2)) * scale, -Y * expit(-margin) * scale,
-                lambda R: p * (1 - p) * Y**2 * R * scale)
+                lambda R: slope * Y**2 * R * scale)
     if loss == "cross_entropy":
         scale = 1 / n
         mass = Y.sum(-1, keepdims=True)
