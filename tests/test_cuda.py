@@ -1,8 +1,6 @@
-"""Tests of the CUDA backend.
-
-Everywhere: the build reports CUDA correctly, the device math header (compiled into the host hook of
-physai._cuda) matches closed forms and finite differences, and the torch layer refuses bad tensors.
+"""Tests of the CUDA backend's torch layer: it refuses bad tensors, and its host emulation matches torch autograd.
 With a GPU (marked ``gpu``): kernels vs an inline numpy reference, torch autograd, and dense eigh.
+The build report and the device math header are tested in test_cuda_math.py, without torch.
 """
 import math
 
@@ -10,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_cuda_math import ACTS, LOSSES, _labels
 
 from physai import _native
 
@@ -17,130 +16,6 @@ torch = pytest.importorskip("torch")
 _cuda = _native._cuda
 needs_module = pytest.mark.skipif(_cuda is None, reason="physai built without CUDA")
 has_gpu = _cuda is not None and _cuda.device_count() > 0 and torch.cuda.is_available()
-
-ACTS = ["relu", "tanh", "gelu", "erf", "quadratic", "linear", "softplus"]
-LOSSES = ["mse", "logistic", "cross_entropy"]
-
-
-def test_native_info_reports_cuda():
-    info = _native.native_info()
-    assert info["cuda_compiled"] == (_cuda is not None)
-    if _cuda is None:
-        assert info["cuda_devices"] == 0
-    else:
-        count = _cuda.device_count()
-        assert isinstance(count, int) and count >= 0
-        assert info["cuda_devices"] == count
-
-
-@needs_module
-def test_build_info():
-    info = _cuda.build_info()
-    assert info["cuda_runtime"] >= 12000
-    assert "90" in info["architectures"]
-
-
-# --- device math on the host -------------------------------------------------------------------------
-
-def _closed_form(name, x):
-    erf = np.vectorize(math.erf)
-    c = math.sqrt(2 / math.pi)
-    return {
-        "relu": np.maximum(x, 0),
-        "tanh": np.tanh(x),
-        "gelu": 0.5 * x * (1 + np.tanh(c * (x + 0.044715 * x**3))),
-        "erf": erf(x),
-        "quadratic": x**2,
-        "linear": x,
-        "softplus": np.logaddexp(0, x),
-    }[name]
-
-
-@needs_module
-@pytest.mark.parametrize("name", ACTS)
-def test_host_activation_matches_closed_form_and_differences(name):
-    x = np.linspace(-4, 4, 801) + 0.0031  # off the relu kink
-    s, d1, d2 = _cuda._host_activation(name, x)
-    np.testing.assert_allclose(s, _closed_form(name, x), rtol=1e-13, atol=1e-14)
-    eps = 1e-5
-    sp, d1p, _ = _cuda._host_activation(name, x + eps)
-    sm, d1m, _ = _cuda._host_activation(name, x - eps)
-    np.testing.assert_allclose(d1, (sp - sm) / (2 * eps), rtol=1e-7, atol=1e-8)
-    np.testing.assert_allclose(d2, (d1p - d1m) / (2 * eps), rtol=1e-6, atol=1e-7)
-
-
-@needs_module
-@pytest.mark.parametrize("name", ["softplus", "tanh", "erf", "gelu"])
-def test_host_activation_is_finite_at_extremes(name):
-    s, d1, d2 = _cuda._host_activation(name, np.array([-1e4, -800.0, 800.0, 1e4]))
-    assert np.all(np.isfinite(s)) and np.all(np.isfinite(d1)) and np.all(np.isfinite(d2))
-
-
-@needs_module
-@given(st.floats(-30, 30))
-def test_host_softplus_derivatives_are_sigmoid(x):
-    s, d1, d2 = _cuda._host_activation("softplus", np.array([x]))
-    p = 1 / (1 + math.exp(-x))
-    assert math.isclose(d1[0], p, rel_tol=1e-12, abs_tol=1e-300)
-    assert math.isclose(d2[0], p * (1 - p), rel_tol=1e-9, abs_tol=1e-300)
-
-
-def _loss_closed_form(name, f, y):
-    if name == "mse":
-        return 0.5 * ((f - y) ** 2).sum(1)
-    if name == "logistic":
-        return np.logaddexp(0, -y * f).sum(1)
-    lse = np.log(np.exp(f - f.max(1, keepdims=True)).sum(1)) + f.max(1)
-    return -(y * (f - lse[:, None])).sum(1)
-
-
-def _labels(name, rng, n, k):
-    if name == "logistic":
-        return rng.choice([-1.0, 1.0], size=(n, k))
-    if name == "cross_entropy":
-        return np.eye(k)[rng.integers(0, k, n)] * rng.uniform(0.5, 1.5, (n, 1))  # also unnormalized weights
-    return rng.normal(size=(n, k))
-
-
-@needs_module
-@pytest.mark.parametrize("name", LOSSES)
-@pytest.mark.parametrize("k", [1, 4])
-def test_host_loss_value_grad_hvp(name, k):
-    rng = np.random.default_rng(7)
-    n = 6
-    f, u = rng.normal(size=(n, k)) * 2, rng.normal(size=(n, k))
-    y = _labels(name, rng, n, k)
-    value, grad, hu = _cuda._host_loss(name, f, y, u)
-    np.testing.assert_allclose(value, _loss_closed_form(name, f, y), rtol=1e-12)
-    eps = 1e-6
-    fd = np.zeros_like(f)
-    for j in range(k):
-        e = np.zeros(k)
-        e[j] = eps
-        fd[:, j] = (_loss_closed_form(name, f + e, y) - _loss_closed_form(name, f - e, y)) / (2 * eps)
-    np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8)
-    gp = _cuda._host_loss(name, f + eps * u, y, u)[1]
-    gm = _cuda._host_loss(name, f - eps * u, y, u)[1]
-    np.testing.assert_allclose(hu, (gp - gm) / (2 * eps), rtol=1e-6, atol=1e-8)
-
-
-@needs_module
-def test_host_loss_is_stable_for_large_logits():
-    f = np.array([[1000.0, -1000.0, 0.0]])
-    y = np.array([[1.0, -1.0, 1.0]])
-    for name in LOSSES:
-        value, grad, hu = _cuda._host_loss(name, f, y, np.ones_like(f))
-        assert np.all(np.isfinite(value)) and np.all(np.isfinite(grad)) and np.all(np.isfinite(hu))
-
-
-@needs_module
-def test_host_hooks_reject_bad_input():
-    with pytest.raises(ValueError, match="activation"):
-        _cuda._host_activation("sigmoidal", np.zeros(3))
-    with pytest.raises(ValueError, match="loss"):
-        _cuda._host_loss("hinge", np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((2, 2)))
-    with pytest.raises(ValueError, match="y must"):
-        _cuda._host_loss("mse", np.zeros((2, 2)), np.zeros((3, 2)), np.zeros((2, 2)))
 
 
 # --- the torch layer --------------------------------------------------------------------------------
