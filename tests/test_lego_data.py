@@ -1,28 +1,50 @@
 """torch datasets over LEGO: zero copy, worker split without overlap, fixed splits."""
+import itertools
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from physai.lego import LegoTask  # noqa: E402
-from physai.lego.data import LegoDataset, LegoStream, train_test_split  # noqa: E402
+from physai.lego.data import FIELDS, LegoDataset, LegoStream, train_test_split  # noqa: E402
 
 
-def test_stream_split_between_workers_without_overlap():
+def assert_batch_is_samples(batch, task, seed, start):
+    expected = task.sample(len(batch["tokens"]), seed=seed, start=start)
+    for name in FIELDS:
+        np.testing.assert_array_equal(batch[name].numpy(), getattr(expected, name), err_msg=name)
+
+
+# More workers than cores is deliberate here: only the split is under test.
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+@pytest.mark.parametrize("workers", [2, 3])
+def test_stream_split_between_workers_without_overlap(workers):
+    # 7 batches: 3 workers get unequal shares. Each batch must be whole, and every batch index come exactly once,
+    # whatever order the workers deliver in.
     task = LegoTask(6)
-    stream = LegoStream(task, batch_size=8, seed=3, num_batches=6)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
-    got = torch.cat([b["tokens"] for b in loader]).numpy()
-    expected = task.sample(48, seed=3).tokens
-    assert got.shape == expected.shape
-    # every sample exactly once, whatever the interleaving of the workers
-    assert sorted(map(bytes, got)) == sorted(map(bytes, expected))
+    stream = LegoStream(task, batch_size=8, seed=3, start=5, num_batches=7)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+    starts = range(5, 5 + 8 * 7, 8)
+    expected = {start: task.sample(8, seed=3, start=start).tokens for start in starts}
+    seen = []
+    for batch in loader:
+        (start,) = [s for s, tokens in expected.items() if np.array_equal(batch["tokens"].numpy(), tokens)]
+        assert_batch_is_samples(batch, task, 3, start)
+        seen.append(start)
+    assert sorted(seen) == list(starts)
 
 
 def test_stream_in_process_is_in_order():
     task = LegoTask(6)
-    batches = list(LegoStream(task, batch_size=5, seed=1, num_batches=3))
-    np.testing.assert_array_equal(torch.cat([b["labels"] for b in batches]).numpy(), task.sample(15, seed=1).labels)
+    batches = list(LegoStream(task, batch_size=5, seed=1, start=2, num_batches=3))
+    assert len(batches) == 3
+    for j, batch in enumerate(batches):
+        assert_batch_is_samples(batch, task, 1, 2 + 5 * j)
+    endless = LegoStream(task, batch_size=5, seed=1)
+    assert_batch_is_samples(next(itertools.islice(iter(endless), 40, None)), task, 1, 200)
+    with pytest.raises(TypeError, match="length"):
+        len(endless)
 
 
 def test_dataset_items_are_zero_copy_views():

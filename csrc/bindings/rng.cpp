@@ -16,6 +16,7 @@ void bind_rng(py::module_& m) {
     return counter;
   }, py::arg("counter"), py::arg("key"));
   m.def("stream_u32", [](uint64_t seed, uint64_t sample, uint32_t domain, int64_t count) {
+    if (count < 0) physai::fail_value("count: expected >= 0, got ", count);
     py::array_t<uint32_t> out(count);
     auto* data = out.mutable_data();
     physai::CounterStream stream(seed, sample, domain);
@@ -23,6 +24,8 @@ void bind_rng(py::module_& m) {
     return out;
   }, py::arg("seed"), py::arg("sample"), py::arg("domain"), py::arg("count"));
   m.def("stream_uniform_int", [](uint64_t seed, uint64_t sample, uint32_t domain, uint32_t n, int64_t count) {
+    if (n == 0) physai::fail_value("n: expected a range of >= 1 values, got 0");
+    if (count < 0) physai::fail_value("count: expected >= 0, got ", count);
     py::array_t<uint32_t> out(count);
     auto* data = out.mutable_data();
     physai::CounterStream stream(seed, sample, domain);

@@ -12,6 +12,11 @@ void generate(const Spec& spec, uint64_t seed, uint64_t start, int64_t batch, in
   PHYSAI_REQUIRE(spec.components >= 1 && spec.components <= spec.n_vars, "components: expected 1..n_vars (",
                  spec.n_vars, "), got ", spec.components);
   PHYSAI_REQUIRE(batch >= 0, "batch_size: expected >= 0, got ", batch);
+  // Values index the table, so an entry outside the group would read out of bounds.
+  bool closed = true;
+  for (int64_t i = 0; i < int64_t(spec.n_elements) * spec.n_elements; ++i)
+    closed &= spec.table[i] >= 0 && spec.table[i] < spec.n_elements;
+  PHYSAI_REQUIRE(closed, "table: entries must be element indices 0..", spec.n_elements - 1);
   PHYSAI_REQUIRE(start + static_cast<uint64_t>(batch) >= start, "start: start + batch_size overflows 64 bits");
   const int64_t row = tokens_per_sentence(spec.n_vars), n = spec.n_vars;
   // Chunks of samples amortise the per-iteration scheduling cost; the output of a sample never depends on them.

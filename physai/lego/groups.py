@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Each element is a vocabulary token and the table holds order^2 entries; far beyond any LEGO experiment, and small
+# enough that checking a user's table stays cheap.
+MAX_ORDER = 1024
+
 
 @dataclass(frozen=True)
 class Group:
@@ -36,12 +40,17 @@ def validate_cayley_table(table) -> np.ndarray:
     Raises ``TypeError`` for a non-integer table and ``ValueError`` naming the failed axiom (shape, closure,
     identity, inverses, associativity) with a witness.
     """
-    array = np.asarray(table)
+    try:
+        array = np.asarray(table)
+    except ValueError as error:  # ragged nested lists
+        raise ValueError(f"group: a Cayley table must be a square [G, G] array of integers ({error})") from None
     if array.dtype.kind not in "iu":
         raise TypeError(f"group: a Cayley table must hold integers, got dtype {array.dtype}")
     if array.ndim != 2 or array.shape[0] != array.shape[1] or array.shape[0] == 0:
         raise ValueError(f"group: a Cayley table must be a non-empty square [G, G] array, got shape {array.shape}")
     order = array.shape[0]
+    if order > MAX_ORDER:
+        raise ValueError(f"group: a Cayley table of order {order} exceeds the maximum order {MAX_ORDER}")
     if array.min() < 0 or array.max() >= order:
         bad = tuple(int(i) for i in np.argwhere((array < 0) | (array >= order))[0])
         raise ValueError(f"group: closure fails: table{bad} = {int(array[bad])} is not an element 0..{order - 1}")
@@ -53,11 +62,11 @@ def validate_cayley_table(table) -> np.ndarray:
     for x in range(order):
         if not np.any((array[x] == identity) & (array[:, x] == identity)):
             raise ValueError(f"group: inverses fail: element {x} has no y with x·y = y·x = identity")
-    left = array[array[:, :, None], elements[None, None, :]]  # (a·b)·c
-    right = array[elements[:, None, None], array[None, :, :]]  # a·(b·c)
-    if not np.array_equal(left, right):
-        a, b, c = (int(i) for i in np.argwhere(left != right)[0])
-        raise ValueError(f"group: associativity fails: ({a}·{b})·{c} != {a}·({b}·{c})")
+    for a in range(order):  # one a at a time: [G, G] work arrays rather than [G, G, G]
+        left, right = array[array[a]], array[a][array]  # (a·b)·c and a·(b·c) over all b, c
+        if not np.array_equal(left, right):
+            b, c = (int(i) for i in np.argwhere(left != right)[0])
+            raise ValueError(f"group: associativity fails: ({a}·{b})·{c} != {a}·({b}·{c})")
     return np.ascontiguousarray(array, dtype=np.int32)
 
 
@@ -77,16 +86,21 @@ def _s3() -> Group:
 
 
 def resolve_group(group, names=None) -> Group:
-    """``group`` is ``"z2"``, ``"z<k>"`` (k >= 2), ``"s3"``, a Cayley table, or a ``Group``."""
+    """``group`` is ``"z2"``, ``"z<k>"`` (2 <= k <= MAX_ORDER), ``"s3"``, a Cayley table, or a ``Group``."""
     if isinstance(group, Group):
+        validate_cayley_table(group.table)
+        if len(group.names) != group.order or len(group.table) != group.order:
+            raise ValueError(f"group: {group.name!r} has {len(group.names)} names for a table of order "
+                             f"{len(group.table)}")
         return group
     if isinstance(group, str):
         match = re.fullmatch(r"z(\d+)", group)
-        if match and int(match.group(1)) >= 2:
+        if match and 2 <= int(match.group(1)) <= MAX_ORDER:
             return _cyclic(int(match.group(1)))
         if group == "s3":
             return _s3()
-        raise ValueError(f"group: expected 'z2', 'z<k>' with k >= 2, 's3' or a Cayley table, got {group!r}")
+        raise ValueError(f"group: expected 'z2', 'z<k>' with 2 <= k <= {MAX_ORDER}, 's3' or a Cayley table, "
+                         f"got {group!r}")
     if isinstance(group, (list, tuple, np.ndarray)):
         table = validate_cayley_table(group)
         if names is None:
