@@ -160,8 +160,9 @@ PHYSAI_HD int32_t typical_draws(const Spec& s) {
 // Bound on typical_draws over every spec: names, parents, elements and the shuffle take fewer than n_vars each.
 constexpr int32_t kMaxTypicalDraws = 4 * kMaxVars;
 
-// Writes tokens [5n+2], labels/positions/depth [n] of sample `index`. Variables are in graph order: component
-// by component, each root first; a chain's variables follow the chain, a tree's follow node creation order.
+// Writes tokens [5n+2], labels/positions/depth [n] of sample `index`. Variables are in graph order: chains
+// component by component, each root first and then along the chain; trees all roots first, then the other nodes
+// in creation order.
 PHYSAI_HD void sample_one(const Spec& s, uint64_t seed, uint64_t index, int64_t* tokens, int64_t* labels,
                           int64_t* positions, int64_t* depth) {
   CounterStream stream(seed, index, kLegoDomain);

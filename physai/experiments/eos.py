@@ -71,8 +71,10 @@ class EosResult:
     matvecs: np.ndarray = field(repr=False)
 
     def summary(self) -> list[dict]:
-        """Per learning rate: 2/lr, sharpness at start, maximum, and mean over the last quarter, loss at start
-        and end, and the mean number of Hessian-vector products per sharpness estimate."""
+        """One dict per learning rate, with keys lr, two_over_lr, sharpness_start, sharpness_max,
+        sharpness_last_quarter (mean over the last quarter of the tracked steps), loss_start, loss_end and
+        hvps_per_estimate (mean Hessian-vector products per sharpness estimate). ``physai eos`` prints it as a
+        table."""
         rows = []
         quarter = len(self.sharpness_steps) * 3 // 4
         for i, lr in enumerate(self.config.learning_rates):

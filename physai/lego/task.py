@@ -91,8 +91,9 @@ class LegoTask:
     shuffle : shuffle the clause order (default True); otherwise clauses appear in graph order.
     element_names : token names for the elements of a Cayley-table group (default ``g0``, ``g1``, ...).
 
-    Variables are ordered component by component, each root first, then along the chain (or in node creation
-    order for trees); ``labels``, ``positions`` and ``depth`` use that order.
+    Variables are in graph order, which ``labels``, ``positions`` and ``depth`` use: for chains, component by
+    component, each root first and then along its chain; for trees, the ``components`` roots first, then the other
+    nodes in creation order (each after its parent, components interleaved).
 
     Example
     -------

@@ -48,7 +48,7 @@ class HessianOperator:
     """The Hessian of ``loss_fn(model(inputs), targets)`` w.r.t. the trainable parameters, as an operator.
 
     shape: (1, P, P) with P the number of trainable parameters; dtype: the parameters' dtype (float32/64);
-    ``matvec(V [1, P]) -> [1, P]``; ``hvps`` counts the full-data HVPs done. ``progress`` shows a bar over
+    ``matvec(V [1, P]) -> [1, P]``; ``hvps`` counts the full-data HVPs done. ``progress_bar=True`` shows a bar over
     batches for DataLoaders.
     """
 
@@ -146,7 +146,8 @@ def hessian_eigs(model, loss_fn, data, k: int = 1, method: str = "lanczos", whic
 
     data: (inputs, targets) tensors or an iterable of such batches. method: "lanczos" or "power" (power:
     k=1, dominant by magnitude). Returns an :class:`EigenResult` with values [1, k], vectors [1, k, P]
-    (flattened over the trainable parameters in ``named_parameters`` order) and the HVP count in ``matvecs``.
+    (flattened over the trainable parameters in ``named_parameters`` order) and the HVP count in ``matvecs``;
+    for a fused ``TwoLayerModule`` of E members, one row per member: values [E, k], vectors [E, k, P].
     """
     method = check_choice(method, "method", ("lanczos", "power"))
     fused = _fused_two_layer(model, loss_fn, data)
