@@ -1,10 +1,96 @@
-"""The torch wiring: identical gradients to a plain torch MLP, native double backward for HVPs."""
+"""torch as the independent oracle of the numpy reference and of the native training loop, and the torch wiring:
+identical gradients to a plain torch MLP, native double backward for HVPs."""
 import numpy as np
 import pytest
+from test_twolayer import GRID, assert_close, copy_params, make_problem
+
+from physai.twolayer import reference as R
 
 torch = pytest.importorskip("torch")
 
 from physai.twolayer.torch import TwoLayerModule, torch_loss, torch_reference, two_layer, two_layer_loss  # noqa: E402
+
+
+def torch_oracle(net, X, Y, v, loss):
+    """Loss, gradient and HVP of the same network written in plain torch ops, by autograd (double backward)."""
+    params = [torch.tensor(p, requires_grad=True) for p in (net.W, net.b, net.a) if p is not None]
+    W, a = params[0], params[-1]
+    b = params[1] if net.b is not None else None
+    F = torch_reference(torch.tensor(X), W, b, a, activation=net.activation, input_scale=net.scaling.input_scale,
+                        output_scale=net.scaling.output_scale)
+    value = torch_loss(F, torch.tensor(Y), loss)
+    grads = torch.autograd.grad(value.sum(), params, create_graph=True)
+    hv = torch.autograd.grad(grads, params, [torch.tensor(x) for x in v if x is not None])
+    expand = lambda ts: (ts[0], ts[1] if net.b is not None else None, ts[-1])
+    return (F.detach().numpy(), value.detach().numpy(), expand([g.detach().numpy() for g in grads]),
+            expand([h.numpy() for h in hv]))
+
+
+@pytest.mark.parametrize("activation,loss,param", GRID)
+def test_reference_matches_torch_autograd(activation, loss, param):
+    for per_member, bias in ((False, True), (True, False)):
+        net, X, Y, v = make_problem(activation, loss, param, E=2, per_member_x=per_member, per_member_y=per_member,
+                                    bias=bias)
+        p = net.reference_params()
+        F, value, grads, hv = torch_oracle(net, X, Y, v, loss)
+        what = f"{activation}/{loss}/{param}/bias={bias}"
+        assert_close(R.forward(p, X)[0], np.broadcast_to(F, (2, *F.shape[-2:])), what=what)
+        ref_value, ref_grads = R.loss_and_grad(p, X, Y, loss)
+        assert_close(ref_value, value, what=what)
+        assert_close(ref_grads, grads, what=what)
+        assert_close(R.hvp(p, X, Y, v, loss), hv, what=what)
+
+
+def test_hvp_matches_torch_func_forward_over_reverse():
+    from torch.func import grad, jvp
+
+    net, X, Y, v = make_problem("gelu", "cross_entropy", "mup", E=1)
+    Xt, Yt = torch.tensor(X), torch.tensor(Y)
+
+    def loss_of(W, b, a):
+        F = torch_reference(Xt, W, b, a, activation="gelu", input_scale=net.scaling.input_scale,
+                            output_scale=net.scaling.output_scale)
+        return torch_loss(F, Yt, "cross_entropy").sum()
+
+    primals = tuple(torch.tensor(p) for p in (net.W, net.b, net.a))
+    _, expected = jvp(grad(loss_of, argnums=(0, 1, 2)), primals, tuple(torch.tensor(x) for x in v))
+    assert_close(net.hvp(X, Y, v, "cross_entropy"), [e.numpy() for e in expected])
+
+
+@pytest.mark.parametrize("problem,lr,steps,batch_size", [
+    (dict(activation="tanh", loss="mse", param="mean-field", E=3, n=20, d=4, m=16, k=1), [0.05, 0.1, 0.2], 100, None),
+    # blocks of 10, 10 and 5 rows; muP's per-layer rates differ (m, m, 1/m)
+    (dict(activation="relu", loss="logistic", param="mup", E=2, n=25, d=3, m=8, k=2, per_member_x=True,
+          per_member_y=True), [0.05, 0.02], 50, 10),
+])
+def test_native_train_matches_a_torch_sgd_loop(problem, lr, steps, batch_size):
+    net, X, Y, _ = make_problem(**problem)
+    loss, s = problem["loss"], net.scaling
+    start = copy_params(net.reference_params())
+    # The native loop runs whole in native code: its parameters after each step are those of a run that stops there.
+    # The last run's losses cover every step.
+    trajectory = []
+    for done in range(1, steps + 1):
+        net.W, net.b, net.a = start.W.copy(), start.b.copy(), start.a.copy()
+        losses = net.train(X, Y, lr, steps=done, loss=loss, batch_size=batch_size).losses
+        trajectory.append((net.W, net.b, net.a))
+    W, b, a = (torch.tensor(p, requires_grad=True) for p in (start.W, start.b, start.a))
+    rates = torch.tensor(lr, dtype=torch.float64)
+    n = X.shape[-2]
+    batch = batch_size or n
+    blocks = -(-n // batch)
+    for step in range(steps):
+        rows = slice(step % blocks * batch, (step % blocks + 1) * batch)
+        F = torch_reference(torch.tensor(X[..., rows, :]), W, b, a, activation=net.activation,
+                            input_scale=s.input_scale, output_scale=s.output_scale)
+        value = torch_loss(F, torch.tensor(Y[..., rows, :]), loss)
+        assert_close(losses[step], value.detach().numpy(), what=f"loss at step {step}")
+        gW, gb, ga = torch.autograd.grad(value.sum(), [W, b, a])
+        with torch.no_grad():
+            W -= rates[:, None, None] * s.lr_W * gW
+            b -= rates[:, None] * s.lr_b * gb
+            a -= rates[:, None, None] * s.lr_a * ga
+        assert_close(trajectory[step], tuple(t.detach().numpy() for t in (W, b, a)), what=f"after step {step}")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])

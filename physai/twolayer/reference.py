@@ -89,6 +89,9 @@ def loss_terms(loss: str, F, Y):
     """Per-member loss [E], dL/dF [E,n,k], and a function applying the per-sample output Hessian to R [E,n,k]."""
     n, k = F.shape[-2], F.shape[-1]
     Y = _broadcast(Y, F.shape[0])
+    if n == 0:  # the mean over no samples is taken as 0, with zero derivatives, as the kernels do
+        zero = np.zeros(F.shape[0], dtype=F.dtype)
+        return zero, np.zeros_like(F), lambda R: np.zeros_like(R)
     if loss == "mse":
         scale = 1 / (n * k)
         return 0.5 * ((F - Y) ** 2).sum((1, 2)) * scale, (F - Y) * scale, lambda R: R * scale
@@ -160,7 +163,7 @@ def train(p: Params, X, Y, loss, lr, lr_multipliers, steps, batch_size=0):
     lr_W, lr_b, lr_a = lr_multipliers
     n = X.shape[-2]
     batch = min(batch_size, n) if batch_size > 0 else n
-    blocks = -(-n // batch)
+    blocks = -(-n // batch) if batch else 1
     lr = np.asarray(lr)
     losses = []
     for step in range(steps):
