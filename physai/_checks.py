@@ -84,3 +84,24 @@ def check_array(x, name: str, *, dtype=None, ndim=None, shape=None, contiguous: 
     if contiguous and not x.flags.c_contiguous:
         raise ValueError(f"{name}: expected a C-contiguous array (use np.ascontiguousarray)")
     return x
+
+
+MAX_INT64 = 2**63 - 1
+
+
+def check_v0(v0, batch: int, n: int, dtype: np.dtype):
+    """A warm start for ``batch`` eigensolvers of size ``n``: None, or real values [batch, n] ([n] for batch 1),
+    each row finite and nonzero (at any scale); returned C-contiguous in ``dtype``."""
+    if v0 is None:
+        return None
+    v0 = np.asarray(v0)
+    if v0.dtype.kind not in "iuf":
+        raise TypeError(f"v0: expected real numbers, got dtype {v0.dtype}")
+    if v0.ndim == 1:
+        v0 = v0[None]
+    if v0.shape != (batch, n):
+        raise ValueError(f"v0: expected shape ({batch}, {n}) or ({n},) for batch 1, got {v0.shape}")
+    v0 = np.ascontiguousarray(v0, dtype=dtype)
+    if not np.isfinite(v0).all() or not np.abs(v0).max(axis=1).all():
+        raise ValueError(f"v0: every row must be finite and nonzero in {np.dtype(dtype).name}")
+    return v0

@@ -81,7 +81,7 @@ def set_num_threads(n: int) -> None:
     """Set the number of threads of the native kernels. Results do not depend on it, only speed."""
     from physai._checks import check_int
 
-    _core.set_num_threads(check_int(n, "n", min=1))
+    _core.set_num_threads(check_int(n, "n", min=1, max=2**31 - 1))
 
 
 @contextlib.contextmanager

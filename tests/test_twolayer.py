@@ -345,6 +345,12 @@ def test_bad_call_arguments():
         net.train(X, Y, [0.1, 0.2], steps=3)
     with pytest.raises(ValueError, match="steps"):
         net.train(X, Y, 0.1, steps=-1)
+    with pytest.raises(TypeError, match="lr: expected real"):
+        net.train(X, Y, "0.1", steps=3)
+    with pytest.raises(TypeError, match="lr: expected real"):
+        net.train(X, Y, True, steps=3)
+    with pytest.raises(ValueError, match="lr: expected finite .* in float32"):
+        net.train(X, Y, 1e300, steps=3)  # finite in float64, not in the model's float32
     with pytest.raises(TypeError, match="X: expected a numpy array"):
         net.forward([[0.0, 0.0, 0.0]])
     with pytest.raises(TypeError, match="W: expected dtype float32"):
@@ -380,3 +386,51 @@ def test_from_arrays_shares_and_checks_the_arrays():
         TwoLayer.from_arrays(W, None, a.astype(np.float32))
     with pytest.raises(ValueError, match="b: expected shape"):
         TwoLayer.from_arrays(W, np.zeros((2, 5)), a)
+
+
+def test_direction_parts_must_match_the_parameters():
+    net, X, Y, v = make_problem(E=3)
+    W, b, a = v
+    for direction, match in [((W.transpose(0, 2, 1), b, a), "W part"), ((W, b), "three parts"),
+                             ((W[:1], b[:1], a[:1]), "W part"), ((W, None, a), "needs a b part")]:
+        with pytest.raises(ValueError, match=match):
+            net.hvp(X, Y, direction)
+    no_bias, X, Y, (W, _, a) = make_problem(E=3, bias=False)
+    with pytest.raises(ValueError, match="no bias"):
+        no_bias.hvp(X, Y, (W, np.zeros((3, W.shape[1])), a))
+
+
+def test_read_only_inputs_are_read_and_parameters_updated_in_place_must_be_writeable():
+    net, X, Y, _ = make_problem()
+    expected = net.loss_and_grad(X, Y)
+    X.setflags(write=False)
+    Y.setflags(write=False)
+    assert_close(net.loss_and_grad(X, Y), expected)
+    net.train(X, Y, 0.1, 2)
+    W = net.W.copy()
+    W.setflags(write=False)
+    net.W = W
+    with pytest.raises(ValueError, match="W: expected a writeable array"):
+        net.train(X, Y, 0.1, 2)
+
+
+def test_nan_inputs_propagate_through_relu_like_the_reference():
+    net, X, Y, _ = make_problem("relu", E=2, n=6)
+    X[2, 1] = np.nan
+    native, ref = net.forward(X), R.forward(net.reference_params(), X)[0]
+    np.testing.assert_array_equal(np.isnan(native), np.isnan(ref))
+    assert np.isnan(native[:, 2]).all() and not np.isnan(np.delete(native, 2, axis=1)).any()
+
+
+def test_cross_entropy_with_huge_logits_matches_the_reference():
+    # Logits 1e17 - 1, 1e17 and 1e17 + 1 ulp (16), exact through a 1-unit linear net: the loss and softmax see
+    # differences of 16, which the log-sum-exp must not lose against the logits' magnitude.
+    net = TwoLayer(1, 1, 3, activation="linear", bias=False, dtype=np.float64)
+    net.W[:] = 1.0
+    net.a[:] = (1e17 + np.array([-16.0, 0.0, 16.0]))[None, :, None]
+    X, Y = np.ones((3, 1)), np.eye(3)
+    value, (_, _, da) = net.loss_and_grad(X, Y, "cross_entropy")
+    ref_value, (_, _, ref_da) = R.loss_and_grad(net.reference_params(), X, Y, "cross_entropy")
+    # dW sums G a over logits of 1e17 whose weights nearly cancel: ill-conditioned in any summation order
+    assert_close((value, da), (ref_value, ref_da))
+    np.testing.assert_allclose(value, (32 + 16 + 0 + 3 * np.log1p(np.exp(-16) + np.exp(-32))) / 3, rtol=1e-12)

@@ -151,6 +151,10 @@ def test_functional_forms_and_errors():
         two_layer(X, W, None, a, activation="swish")
     with pytest.raises(TypeError, match="dtype"):
         TwoLayerModule(3, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="ensemble"):
+        TwoLayerModule(3, 4, ensemble=0)
+    with pytest.raises(TypeError, match="ensemble"):
+        TwoLayerModule(3, 4, ensemble=False)
     second = torch.nn.Linear(4, 1)
     with torch.no_grad():
         second.bias.fill_(1.0)

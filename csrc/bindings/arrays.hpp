@@ -21,9 +21,9 @@ inline std::string shape_string(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
-// Checks that `a` is a C-contiguous array of T with the given shape (-1 = any extent) and returns its data.
+// Checks that `a` is a C-contiguous array of T with the given shape (-1 = any extent).
 template <class T>
-T* checked_data(py::array& a, const char* name, std::initializer_list<int64_t> shape) {
+void check_array(const py::array& a, const char* name, std::initializer_list<int64_t> shape) {
   if (!py::isinstance<py::array_t<T>>(a) || !a.dtype().is(py::dtype::of<T>()))
     fail_type(name, ": expected dtype ", std::string(py::str(py::dtype::of<T>())), ", got ",
               std::string(py::str(a.dtype())));
@@ -36,12 +36,21 @@ T* checked_data(py::array& a, const char* name, std::initializer_list<int64_t> s
       fail_value(name, ": expected extent ", extent, " in dimension ", i, ", got shape ", shape_string(a));
     ++i;
   }
-  return static_cast<T*>(a.mutable_data());
 }
 
+// The data of an array the kernel only reads (read-only arrays are fine).
 template <class T>
 const T* checked_data(const py::array& a, const char* name, std::initializer_list<int64_t> shape) {
-  return checked_data<T>(const_cast<py::array&>(a), name, shape);
+  check_array<T>(a, name, shape);
+  return static_cast<const T*>(a.data());
+}
+
+// The data of an array the kernel writes to.
+template <class T>
+T* checked_mutable_data(py::array& a, const char* name, std::initializer_list<int64_t> shape) {
+  check_array<T>(a, name, shape);
+  if (!a.writeable()) fail_value(name, ": expected a writeable array (it is updated in place)");
+  return static_cast<T*>(a.mutable_data());
 }
 
 }  // namespace physai::bind

@@ -11,6 +11,7 @@
 
 namespace py = pybind11;
 using physai::bind::checked_data;
+using physai::bind::checked_mutable_data;
 namespace tl = physai::twolayer;
 
 namespace {
@@ -190,8 +191,8 @@ py::tuple train(py::array X, py::array W, std::optional<py::array> b, py::array 
   tracking.sharpness = sharpness.mutable_data();
   tracking.matvecs = matvecs.mutable_data();
   T* out = losses.mutable_data();
-  T *w = checked_data<T>(W, "W", {-1, -1, -1}), *bb = b ? checked_data<T>(*b, "b", {-1, -1}) : nullptr,
-    *aa = checked_data<T>(a, "a", {-1, -1, -1});
+  T *w = checked_mutable_data<T>(W, "W", {-1, -1, -1}), *bb = b ? checked_mutable_data<T>(*b, "b", {-1, -1}) : nullptr,
+    *aa = checked_mutable_data<T>(a, "a", {-1, -1, -1});
   {
     py::gil_scoped_release release;
     tl::train(net, w, bb, aa, targets, schedule, out, tracking);

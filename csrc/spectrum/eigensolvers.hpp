@@ -90,8 +90,12 @@ void start_vector(const Options& opt, const T* v0, int64_t b, int64_t n, T* x, c
     CounterStream stream(opt.seed, static_cast<uint64_t>(b), kDomainStart);
     random_vector(stream, x, n);
   }
+  // Scaled by its largest entry first, so that the squares in the norm neither overflow nor underflow.
+  double largest = 0.0;
+  for (int64_t t = 0; t < n; ++t) largest = std::max(largest, std::abs(static_cast<double>(x[t])));
+  PHYSAI_REQUIRE(largest > 0 && std::isfinite(largest), solver, ": v0 of member ", b, " is zero or not finite");
+  for (int64_t t = 0; t < n; ++t) x[t] = static_cast<T>(x[t] / largest);
   const double nx = norm(x, n);
-  PHYSAI_REQUIRE(nx > 0 && std::isfinite(nx), solver, ": v0 of member ", b, " is zero or not finite");
   for (int64_t t = 0; t < n; ++t) x[t] = static_cast<T>(x[t] / nx);
 }
 
@@ -160,6 +164,11 @@ struct LanczosMember {
   std::vector<double> H;          // m x m projection V^T A V, column-major
   std::vector<double> theta, S;   // Ritz values / vectors of the current projection
   int j = 0;                      // index of the basis vector the next matvec is applied to
+  // The Krylov space became invariant before filling the basis: its Ritz pairs are exact, but a Krylov space
+  // holds one vector per eigenvalue (and none where v0 has no component), so they need not be the wanted ones
+  // (a repeated top eigenvalue, or a warm start that is itself an eigenvector). Convergence then waits until the
+  // basis is full, extended by random directions.
+  bool exhausted = false;
   bool done = false;
   int64_t matvecs = 0;
   CounterStream breakdown{0, 0, kDomainBreakdown};
@@ -320,7 +329,8 @@ void lanczos(MatVec&& matvec, int64_t batch, int64_t n, const Options& opt, cons
       // Invariant subspace: the Krylov space of v0 is exhausted (relative to the operator's scale).
       const bool invariant = beta <= 1e-12 * std::max(scale, 1e-300) || rows == n;
       if (invariant) beta = 0.0;
-      bool ok = rows >= k;
+      if (invariant && rows < n) s.exhausted = true;
+      bool ok = rows >= k && (!s.exhausted || rows == m);
       for (int i = 0; ok && i < k; ++i) {
         const double residual = beta * std::abs(s.S[j + static_cast<size_t>(order[i]) * rows]);
         ok = residual <= opt.tol * std::abs(s.theta[order[i]]) || residual == 0.0;
@@ -352,6 +362,7 @@ void lanczos(MatVec&& matvec, int64_t batch, int64_t n, const Options& opt, cons
       std::fill(s.H.begin(), s.H.end(), 0.0);
       for (int i = 0; i < p; ++i) s.H[i + static_cast<size_t>(i) * m] = s.theta[order[i]];
       s.j = p;
+      s.exhausted = false;
     });
     active = 0;
     for (const auto& s : members) active += !s.done;

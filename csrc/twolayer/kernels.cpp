@@ -723,20 +723,22 @@ template <class T>
 void HessianOperator<T>::apply(const T* V, T* out) const {
   const int64_t P = net_.params();
   const int64_t n = net_.n;
-  if (use_row_blocks(net_.E, net_)) {
-    sum_over_row_blocks(n, P, out, [&](int64_t r0, int64_t rows, T* partial) {
-      apply_rows(0, r0, r0 + rows, V, partial, false);
-    });
-    return;
-  }
-  // Members whose row of V is zero (an eigensolver feeds those once a member has converged) get a zero product at
-  // no cost; the others share the threads.
+  // Members whose row of V is zero (an eigensolver feeds those once a member has converged, the training loop for
+  // diverged members, whose non-finite caches would turn the product into NaN) get a zero product at no cost; the
+  // others share the threads.
   std::vector<int64_t> busy;
   for (int64_t e = 0; e < net_.E; ++e) {
     if (std::all_of(V + e * P, V + (e + 1) * P, [](T x) { return x == T(0); }))
       std::fill(out + e * P, out + (e + 1) * P, T(0));
     else
       busy.push_back(e);
+  }
+  if (busy.empty()) return;
+  if (use_row_blocks(net_.E, net_)) {
+    sum_over_row_blocks(n, P, out, [&](int64_t r0, int64_t rows, T* partial) {
+      apply_rows(0, r0, r0 + rows, V, partial, false);
+    });
+    return;
   }
   over_members(int64_t(busy.size()), work_of(net_), [&](int64_t i, bool parallel) {
     const int64_t e = busy[i];
@@ -833,8 +835,10 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
       eigensolve(tracking.use_lanczos, matvec, E, P, tracking.options, warm ? eigenvector.data() : nullptr, top.data(),
                  eigenvector.data(), tracking.matvecs + row * E, converged.data());
       warm = true;
-      for (int64_t e = 0; e < E; ++e)
+      for (int64_t e = 0; e < E; ++e) {
         tracking.sharpness[row * E + e] = diverged[e] ? std::numeric_limits<T>::quiet_NaN() : top[e];
+        if (diverged[e]) tracking.matvecs[row * E + e] = 0;  // its products were zero rows, which cost nothing
+      }
       if (rows == n) {
         over_members(E, work_of(net), [&](int64_t e, bool parallel) {
           losses[step * E + e] = op.loss(e);

@@ -32,7 +32,7 @@ template <class T>
 PHYSAI_MATH void activate(Activation act, T x, T& s, T& ds, T& dds) {
   switch (act) {
     case Activation::Relu:
-      s = x > T(0) ? x : T(0); ds = x > T(0) ? T(1) : T(0); dds = T(0);
+      s = x < T(0) ? T(0) : x; ds = x > T(0) ? T(1) : T(0); dds = T(0);  // NaN stays NaN
       return;
     case Activation::Tanh: {
       const T t = tanh_of(x);
@@ -111,16 +111,16 @@ PHYSAI_MATH T loss_row(Loss loss, const T* f, const T* y, int64_t k, T scale, T*
       }
       break;
     case Loss::CrossEntropy: {
-      T top = f[0], mass = T(0), dot = T(0), sum = T(0);
+      // -log softmax(f)_j = (top - f_j) + log(sum): two non-negative terms, so large logits do not cancel.
+      T top = f[0], mass = T(0), sum = T(0);
       for (int64_t j = 1; j < k; ++j) top = f[j] > top ? f[j] : top;
       for (int64_t j = 0; j < k; ++j) sum += std::exp(f[j] - top);
-      const T log_sum = top + std::log(sum);
+      const T log_sum = std::log(sum);
       for (int64_t j = 0; j < k; ++j) {
         mass += y[j];
-        dot += y[j] * f[j];
+        total += y[j] * ((top - f[j]) + log_sum);
       }
-      total = mass * log_sum - dot;
-      for (int64_t j = 0; j < k; ++j) g[j] = (mass * std::exp(f[j] - log_sum) - y[j]) * scale;
+      for (int64_t j = 0; j < k; ++j) g[j] = (mass * (std::exp(f[j] - top) / sum) - y[j]) * scale;
       break;
     }
   }

@@ -36,6 +36,7 @@ class EosConfig:
     dtype: str = "float64"
 
     def validated(self) -> "EosConfig":
+        """This config, after checking every field (ValueError/TypeError naming the field)."""
         if not self.learning_rates:
             raise ValueError("learning_rates: expected at least one learning rate")
         for lr in self.learning_rates:
@@ -49,7 +50,7 @@ class EosConfig:
 
 
 def make_task(config: EosConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs X [n, d] and standardised teacher targets Y [n, 1]."""
+    """Inputs X [n, d] and standardised teacher targets Y [n, 1], in ``config.dtype``."""
     rng = np.random.default_rng(config.seed)
     X = rng.standard_normal((config.n, config.d))
     teacher = TwoLayer(config.d, config.teacher_width, 1, "tanh", dtype=np.float64, seed=config.seed + 1)
@@ -61,8 +62,8 @@ def make_task(config: EosConfig) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class EosResult:
-    """Trajectories of one run: losses [steps, L] and sharpness [T, L] at sharpness_steps [T], for the L
-    learning rates of ``config``."""
+    """Trajectories of one run: losses [steps, L] and sharpness [T, L] (``config.dtype``) at sharpness_steps [T]
+    (int64), for the L learning rates of ``config``; matvecs [T, L] (int64) counts the HVPs of each estimate."""
 
     config: EosConfig
     losses: np.ndarray
@@ -86,10 +87,12 @@ class EosResult:
         return rows
 
     def to_dict(self) -> dict:
+        """JSON-ready dict: config, losses, sharpness, sharpness_steps (nested lists) and summary."""
         return {"config": asdict(self.config), "losses": self.losses.tolist(), "sharpness": self.sharpness.tolist(),
                 "sharpness_steps": self.sharpness_steps.tolist(), "summary": self.summary()}
 
     def save_json(self, path) -> None:
+        """Write :meth:`to_dict` to ``path``."""
         with open(path, "w") as f:
             json.dump(self.to_dict(), f)
 
@@ -130,6 +133,7 @@ def run(config: EosConfig = EosConfig()) -> EosResult:
 
 
 def add_parser(commands) -> None:
+    """Register the ``physai eos`` command on the CLI's subparsers."""
     parser = commands.add_parser("eos", help="edge-of-stability experiment",
                                  description="Full-batch GD on a two-layer tanh net: sharpness rises to 2/lr.")
     parser.add_argument("--lr", type=float, nargs="+", default=list(EosConfig.learning_rates))

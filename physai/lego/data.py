@@ -21,14 +21,17 @@ FIELDS = ("tokens", "labels", "positions", "depth")
 
 
 def as_tensors(batch: LegoBatch) -> dict[str, torch.Tensor]:
-    """Zero-copy torch views of a batch's arrays."""
+    """Zero-copy torch views of a batch's arrays: a dict with keys tokens [B, 5n+2], labels, positions and depth
+    [B, n], all int64."""
     return {name: torch.from_numpy(getattr(batch, name)) for name in FIELDS}
 
 
 class LegoStream(IterableDataset):
     """``num_batches`` batches of ``batch_size`` sentences; batch j holds samples ``start + j*batch_size ...``.
 
-    ``num_batches=None`` streams forever.
+    ``num_batches=None`` streams forever. Each item is a whole batch, a dict of int64 tensors (see
+    :func:`as_tensors`), so use ``DataLoader(stream, batch_size=None)``; with several workers, worker w makes
+    batches w, w + workers, ..., so no sample repeats.
     """
 
     def __init__(self, task: LegoTask, batch_size: int, seed: int = 0, *, start: int = 0,
@@ -56,7 +59,8 @@ class LegoStream(IterableDataset):
 
 
 class LegoDataset(Dataset):
-    """Samples ``start .. start+size-1`` of stream ``seed``, generated once; item i is a dict of tensors."""
+    """Samples ``start .. start+size-1`` of stream ``seed``, generated once; item i is a dict of int64 tensors
+    tokens [5n+2], labels, positions and depth [n] (views of one batch, see :func:`as_tensors`)."""
 
     def __init__(self, task: LegoTask, size: int, seed: int = 0, *, start: int = 0):
         if not isinstance(task, LegoTask):

@@ -19,7 +19,8 @@ MAX_ORDER = 1024
 
 @dataclass(frozen=True)
 class Group:
-    """A finite group: ``table[g, v]`` is the index of g·v; ``names[g]`` the token of element g."""
+    """A finite group: ``table`` [G, G] int32 with ``table[g, v]`` the index of g·v; ``names[g]`` the token of
+    element g."""
 
     name: str
     table: np.ndarray
@@ -27,15 +28,18 @@ class Group:
 
     @property
     def order(self) -> int:
+        """Number of elements G."""
         return len(self.names)
 
     @property
     def identity(self) -> int:
+        """Index of the identity element."""
         return int(np.flatnonzero((self.table == np.arange(self.order)).all(axis=1))[0])
 
 
 def validate_cayley_table(table) -> np.ndarray:
-    """Return ``table`` as a C-contiguous int32 array after checking the group axioms.
+    """Return ``table`` (a [G, G] array or nested lists of integers) as a C-contiguous int32 array after checking
+    the group axioms.
 
     Raises ``TypeError`` for a non-integer table and ``ValueError`` naming the failed axiom (shape, closure,
     identity, inverses, associativity) with a witness.
@@ -86,7 +90,8 @@ def _s3() -> Group:
 
 
 def resolve_group(group, names=None) -> Group:
-    """``group`` is ``"z2"``, ``"z<k>"`` (2 <= k <= MAX_ORDER), ``"s3"``, a Cayley table, or a ``Group``."""
+    """``group`` is ``"z2"``, ``"z<k>"`` (2 <= k <= MAX_ORDER), ``"s3"``, a Cayley table ([G, G] integers, see
+    :func:`validate_cayley_table`), or a ``Group``; ``names`` name a table's elements."""
     if isinstance(group, Group):
         validate_cayley_table(group.table)
         if len(group.names) != group.order or len(group.table) != group.order:

@@ -42,15 +42,18 @@ class Vocab:
         return self.tokens[token_id]
 
     def id(self, token: str) -> int:
+        """Token id of a token string (KeyError names an unknown token)."""
         try:
             return self._ids[token]
         except KeyError:
             raise ValueError(f"token: {token!r} is not in the vocabulary") from None
 
     def element(self, g: int) -> int:
+        """Token id of group element g."""
         return self.element0 + g
 
     def variable(self, i: int) -> int:
+        """Token id of the i-th variable name."""
         return self.variable0 + i
 
     def native_ids(self) -> tuple[int, ...]:
@@ -116,6 +119,7 @@ class LegoTask:
 
     @property
     def sequence_length(self) -> int:
+        """Tokens per sentence, 5 n_vars + 2."""
         return 5 * self.n_vars + 2
 
     def __repr__(self) -> str:
@@ -136,7 +140,7 @@ class LegoTask:
         return LegoBatch(*arrays)
 
     def decode(self, tokens) -> str:
-        """Render one sentence ``[5n+2]`` (or a batch ``[B, 5n+2]``, giving a list) as text."""
+        """Render one sentence ``[5n+2]`` (or a batch ``[B, 5n+2]``, giving a list) of integer token ids as text."""
         tokens = np.asarray(tokens)
         if tokens.dtype.kind not in "iu":
             raise TypeError(f"tokens: expected integer token ids, got dtype {tokens.dtype}")

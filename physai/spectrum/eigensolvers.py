@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from physai import _native
-from physai._checks import check_choice, check_dtype, check_float, check_int, check_seed
+from physai._checks import MAX_INT64, check_choice, check_dtype, check_float, check_int, check_seed, check_v0
 
 
 @dataclass
@@ -30,7 +30,8 @@ class EigenResult:
 
 
 class DenseOperator:
-    """A stack of dense symmetric matrices ``A`` [batch, n, n] (or one [n, n]) as an operator."""
+    """A stack of dense symmetric matrices ``A`` [batch, n, n] (or one [n, n]), float32 or float64, as an
+    operator of that dtype."""
 
     def __init__(self, A):
         A = np.asarray(A)
@@ -74,19 +75,6 @@ def _callback(op, batch: int, n: int, dtype: np.dtype):
     return matvec
 
 
-def _check_v0(v0, batch: int, n: int, dtype: np.dtype):
-    if v0 is None:
-        return None
-    v0 = np.asarray(v0)
-    if v0.ndim == 1:
-        v0 = v0[None]
-    if v0.shape != (batch, n):
-        raise ValueError(f"v0: expected shape ({batch}, {n}) or ({n},) for batch 1, got {v0.shape}")
-    if not np.isfinite(v0).all() or not np.linalg.norm(v0, axis=1).all():
-        raise ValueError("v0: every row must be finite and nonzero")
-    return np.ascontiguousarray(v0, dtype=dtype)
-
-
 def lanczos(op, k: int = 1, which: str = "LA", tol: float = 1e-6, max_iter: int = 1000, ncv: int | None = None,
             v0=None, seed: int = 0) -> EigenResult:
     """Top-k eigenpairs of each member by thick-restart Lanczos with full reorthogonalization.
@@ -103,12 +91,12 @@ def lanczos(op, k: int = 1, which: str = "LA", tol: float = 1e-6, max_iter: int 
         raise ValueError(f"k: expected at most n={n} (the operator's size), got {k}")
     which = check_choice(which, "which", ("LA", "LM"))
     tol = check_float(tol, "tol", positive=True)
-    max_iter = check_int(max_iter, "max_iter", min=k)
+    max_iter = check_int(max_iter, "max_iter", min=k, max=MAX_INT64)
     ncv = 0 if ncv is None else check_int(ncv, "ncv", min=1, max=n)
     if ncv and ncv <= k and ncv != n:
         raise ValueError(f"ncv: expected k < ncv <= n (or ncv == n), got ncv={ncv} with k={k}, n={n}")
     seed = check_seed(seed)
-    v0 = _check_v0(v0, batch, n, dtype)
+    v0 = check_v0(v0, batch, n, dtype)
     core = _native._core.spectrum
     solve = core.lanczos_f32 if dtype == np.float32 else core.lanczos_f64
     return EigenResult(*solve(_callback(op, batch, n, dtype), batch, n, k, which, tol, max_iter, ncv, seed, v0))
@@ -122,9 +110,9 @@ def power_iteration(op, tol: float = 1e-6, max_iter: int = 10000, v0=None, seed:
     """
     batch, n, dtype = _operator_dims(op)
     tol = check_float(tol, "tol", positive=True)
-    max_iter = check_int(max_iter, "max_iter", min=1)
+    max_iter = check_int(max_iter, "max_iter", min=1, max=MAX_INT64)
     seed = check_seed(seed)
-    v0 = _check_v0(v0, batch, n, dtype)
+    v0 = check_v0(v0, batch, n, dtype)
     core = _native._core.spectrum
     solve = core.power_iteration_f32 if dtype == np.float32 else core.power_iteration_f64
     return EigenResult(*solve(_callback(op, batch, n, dtype), batch, n, tol, max_iter, seed, v0))

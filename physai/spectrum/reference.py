@@ -20,6 +20,14 @@ def start_vectors(seed: int, batch: int, n: int) -> np.ndarray:
     return np.stack([random_vector(CounterStream(seed, b, DOMAIN_START), n) for b in range(batch)])
 
 
+def unit_start_vectors(seed: int, batch: int, n: int, v0=None) -> np.ndarray:
+    """The solvers' unit starting vectors [batch, n]: v0's rows, or random ones, scaled by their largest entry and
+    then by their norm (as natively: no overflow or underflow at any scale)."""
+    x = start_vectors(seed, batch, n) if v0 is None else np.array(v0, dtype=np.float64)
+    x /= np.abs(x).max(axis=1, keepdims=True)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def fix_sign(v: np.ndarray) -> np.ndarray:
     """Sign convention of returned eigenvectors: the largest-magnitude entry (first on ties) is positive."""
     return -v if v[np.argmax(np.abs(v))] < 0 else v
@@ -38,8 +46,7 @@ def power_iteration(matvec, batch: int, n: int, *, tol: float, max_matvecs: int,
     ``matvec`` maps float64 [batch, n] to [batch, n]. Returns ``(values [batch, 1], vectors [batch, 1, n],
     matvecs [batch] int64, converged [batch] bool)``.
     """
-    x = start_vectors(seed, batch, n) if v0 is None else np.array(v0, dtype=np.float64)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = unit_start_vectors(seed, batch, n, v0)
     values, vectors = np.zeros((batch, 1)), np.zeros((batch, 1, n))
     counts, converged, done = np.zeros(batch, np.int64), np.zeros(batch, bool), np.zeros(batch, bool)
     while not done.all():
@@ -72,14 +79,14 @@ def lanczos(matvec, batch: int, n: int, *, k: int, which: str, tol: float, max_m
     matvecs [batch] int64, converged [batch] bool)``, eigenpairs from most to least wanted.
     """
     m = ncv if ncv > 0 else min(n, max(2 * k + 1, 20))
-    x = start_vectors(seed, batch, n) if v0 is None else np.array(v0, dtype=np.float64)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = unit_start_vectors(seed, batch, n, v0)
     bases = [np.zeros((m + 1, n)) for _ in range(batch)]
     for b in range(batch):
         bases[b][0] = x[b]
     H = [np.zeros((m, m)) for _ in range(batch)]
     j = np.zeros(batch, int)
     breakdown = [CounterStream(seed, b, DOMAIN_BREAKDOWN) for b in range(batch)]
+    exhausted = np.zeros(batch, bool)  # invariant before the basis filled: converge only on a full basis
     values, vectors = np.zeros((batch, k)), np.zeros((batch, k, n))
     counts, converged, done = np.zeros(batch, np.int64), np.zeros(batch, bool), np.zeros(batch, bool)
     while not done.all():
@@ -98,7 +105,8 @@ def lanczos(matvec, batch: int, n: int, *, k: int, which: str, tol: float, max_m
             invariant = beta <= 1e-12 * max(scale, 1e-300) or rows == n
             if invariant:
                 beta = 0.0
-            ok = rows >= k and all(
+                exhausted[b] |= rows < n
+            ok = rows >= k and (not exhausted[b] or rows == m) and all(
                 beta * abs(S[jb, i]) <= tol * abs(theta[i]) or beta * abs(S[jb, i]) == 0.0 for i in order[:k])
             if ok or counts[b] >= max_matvecs:
                 for i in range(k):
@@ -123,4 +131,5 @@ def lanczos(matvec, batch: int, n: int, *, k: int, which: str, tol: float, max_m
             H[b][:] = 0.0
             H[b][np.arange(p), np.arange(p)] = theta[order[:p]]
             j[b] = p
+            exhausted[b] = False
     return values, vectors, counts, converged

@@ -78,7 +78,8 @@ class HessianOperator:
                 for name, chunk in zip(self.names, flat.split(self.sizes))}
 
     def hvp(self, v):
-        """Hessian-vector product of a flat torch vector [P] (the mean loss over all of ``data``)."""
+        """Hessian-vector product of a flat torch vector [P] in the parameters' dtype and device (the mean loss over
+        all of ``data``); returns [P] likewise."""
         torch = _torch()
         from torch.func import functional_call
 
@@ -131,6 +132,9 @@ def _fused_two_layer(model, loss_fn, data):
         return None
     if not isinstance(loss_fn, str) or loss_fn not in LOSSES:
         raise TypeError(f"loss_fn: for a TwoLayerModule pass the name of a fused loss {LOSSES}, got {loss_fn!r}")
+    if not all(p.requires_grad for p in model.parameters()):
+        raise ValueError("model: the fused Hessian is over all of W, b and a; a TwoLayerModule with frozen "
+                         "parameters is not supported (unfreeze them, or use the equivalent torch layers)")
     batches = _batches(data)
     if not isinstance(batches, list) or len(batches) != 1:
         raise ValueError("data: the fused two-layer path takes the full batch as one (X, Y) pair")

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from physai import _core
-from physai._checks import check_array, check_choice, check_dtype, check_float, check_int, check_seed
+from physai._checks import (MAX_INT64, check_array, check_choice, check_dtype, check_float, check_int, check_seed,
+                            check_v0)
 from physai.twolayer.params import ACTIVATIONS, LOSSES, PARAMETERIZATIONS, scaling
 
 
@@ -31,6 +32,7 @@ class HessianOperator:
         self.native, self.shape, self.dtype = native, shape, dtype
 
     def matvec(self, V: np.ndarray) -> np.ndarray:
+        """V [E, P] (the operator's dtype) -> each member's Hessian applied to its row, [E, P]."""
         V = check_array(np.ascontiguousarray(V, dtype=self.dtype), "V", shape=self.shape[:2])
         return self.native.matvec(V)
 
@@ -194,19 +196,19 @@ class TwoLayer:
 
         X, Y, code = self._check_XY(X, Y, loss)
         options = self._eig_options(k, method, tol, max_iter, which, seed)
-        if v0 is not None:
-            v0 = check_array(np.ascontiguousarray(v0, dtype=self.dtype), "v0", shape=(self.ensemble, self.num_params))
+        v0 = check_v0(v0, self.ensemble, self.num_params, self.dtype)
         return EigenResult(*self._native("hessian_eigs")(X, self.W, self.b, self.a, Y, self.config, code, options, v0))
 
-    def _eig_options(self, k, method, tol, max_iter, which, seed):
-        method = check_choice(method, "method", ("lanczos", "power"))
+    def _eig_options(self, k, method, tol, max_iter, which, seed, prefix=""):
+        """Native solver options; ``prefix`` names the arguments as the caller spells them (``sharpness_``)."""
+        method = check_choice(method, prefix + "method", ("lanczos", "power"))
         k = check_int(k, "k", min=1, max=self.num_params)
         if method == "power" and k != 1:
             raise ValueError(f"k: power iteration finds one eigenpair, got k={k}; use method='lanczos'")
         which = check_choice(which, "which", ("LA", "LM"))
-        return _core.twolayer.EigOptions(k, which, check_float(tol, "tol", positive=True),
-                                         check_int(max_iter, "max_iter", min=k), 0, check_seed(seed),
-                                         method == "lanczos")
+        return _core.twolayer.EigOptions(k, which, check_float(tol, prefix + "tol", positive=True),
+                                         check_int(max_iter, prefix + "max_iter", min=k, max=MAX_INT64), 0,
+                                         check_seed(seed), method == "lanczos")
 
     def hvp(self, X: np.ndarray, Y: np.ndarray, direction, loss: str = "mse"):
         """Hessian-vector product for a direction ``(vW, vb, va)`` shaped like the parameters; returns the same
@@ -215,18 +217,23 @@ class TwoLayer:
         return self.unflatten(operator.native.matvec(self.flatten(direction)))
 
     def flatten(self, tensors) -> np.ndarray:
-        """(W-like, b-like or None, a-like) -> [E, P] in the model's dtype."""
-        W, b, a = tensors
-        parts = [np.asarray(W, self.dtype).reshape(self.ensemble, -1)]
-        if self.b is not None:
-            if b is None:
-                raise ValueError("direction: the model has a bias, so the direction needs a b part")
-            parts.append(np.asarray(b, self.dtype).reshape(self.ensemble, -1))
-        parts.append(np.asarray(a, self.dtype).reshape(self.ensemble, -1))
-        flat = np.concatenate(parts, axis=1)
-        if flat.shape[1] != self.num_params:
-            raise ValueError(f"direction: expected {self.num_params} values per member, got {flat.shape[1]}")
-        return np.ascontiguousarray(flat)
+        """(W-like, b-like or None, a-like), each shaped like that parameter, -> [E, P] in the model's dtype."""
+        if not isinstance(tensors, (tuple, list)) or len(tensors) != 3:
+            raise ValueError("direction: expected a tuple (W-like, b-like or None, a-like) of three parts")
+        parts = []
+        for part, param, name in zip(tensors, (self.W, self.b, self.a), "Wba"):
+            if param is None:
+                if part is not None:
+                    raise ValueError(f"direction: the model has no bias, so the {name} part must be None")
+                continue
+            if part is None:
+                raise ValueError(f"direction: the model has a bias, so the direction needs a {name} part")
+            part = np.asarray(part, self.dtype)
+            if part.shape != param.shape:
+                raise ValueError(f"direction: the {name} part must have the shape of {name}, {param.shape}, got "
+                                 f"{part.shape}")
+            parts.append(part.reshape(self.ensemble, -1))
+        return np.ascontiguousarray(np.concatenate(parts, axis=1))
 
     def unflatten(self, flat: np.ndarray):
         """[E, P] -> (W-like, b-like or None, a-like)."""
@@ -256,17 +263,20 @@ class TwoLayer:
         X, Y, code = self._check_XY(X, Y, loss)
         steps = check_int(steps, "steps", min=0)
         batch_size = 0 if batch_size is None else check_int(batch_size, "batch_size", min=1)
-        rates = np.asarray(lr, dtype=np.float64)
+        rates = np.asarray(lr)
+        if rates.dtype.kind not in "iuf":
+            raise TypeError(f"lr: expected real learning rates, got {type(lr).__name__} {lr!r}")
         if rates.ndim > 1 or rates.size not in (1, self.ensemble):
             raise ValueError(f"lr: expected a float or {self.ensemble} rates (one per member), got shape {rates.shape}")
-        rates = np.ascontiguousarray(np.broadcast_to(rates, (self.ensemble,)))
+        with np.errstate(over="ignore"):  # a rate beyond the dtype's range is refused just below
+            rates = np.ascontiguousarray(np.broadcast_to(rates, (self.ensemble,)), dtype=self.dtype)
         if not np.all(np.isfinite(rates)) or np.any(rates < 0):
-            raise ValueError(f"lr: expected finite non-negative learning rates, got {lr!r}")
+            raise ValueError(f"lr: expected finite non-negative learning rates in {self.dtype.name}, got {lr!r}")
         every = 0 if track_sharpness_every is None else check_int(track_sharpness_every, "track_sharpness_every", min=1)
-        options = self._eig_options(1, sharpness_method, sharpness_tol, sharpness_max_iter, "LA", 0)
+        options = self._eig_options(1, sharpness_method, sharpness_tol, sharpness_max_iter, "LA", 0, "sharpness_")
         s = self.scaling
         losses, sharpness, matvecs = self._native("train")(X, self.W, self.b, self.a, Y, self.config, code,
-                                                           rates.astype(self.dtype), s.lr_W, s.lr_b, s.lr_a, steps,
+                                                           rates, s.lr_W, s.lr_b, s.lr_a, steps,
                                                            batch_size, every, options)
         tracked_steps = np.arange(0, steps, every) if every else np.zeros(0, dtype=np.int64)
         return Trajectory(losses, sharpness, tracked_steps, matvecs)

@@ -19,7 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from physai import _core
-from physai._checks import check_choice
+from physai._checks import check_choice, check_int
 from physai.twolayer.params import ACTIVATIONS, LOSSES, PARAMETERIZATIONS, scaling
 
 _ACTIVATION_FUNCTIONS = {
@@ -91,7 +91,8 @@ class _TwoLayerFunction(torch.autograd.Function):
 
 def two_layer(X, W, b, a, *, activation: str = "relu", input_scale: float = 1.0, output_scale: float = 1.0):
     """F = output_scale * sigma(input_scale * X W^T + b) a^T via the fused kernels, differentiable (once) in all
-    of X, W, b, a. Single network: W [m,d], b [m] or None, a [k,m], X [n,d] -> F [n,k]; ensemble: leading E axis."""
+    of X, W, b, a. Single network: W [m,d], b [m] or None, a [k,m], X [n,d] -> F [n,k]; ensemble: leading E axis
+    on W, b, a and F, X [n,d] shared or [E,n,d]. CPU tensors of one dtype, float32 or float64; F has that dtype."""
     ensemble = _Ensemble(W)
     F = _TwoLayerFunction.apply(X, ensemble.up(W, 2), ensemble.up(b, 1), ensemble.up(a, 2),
                                 _config(input_scale, output_scale, activation))
@@ -159,7 +160,8 @@ def two_layer_loss(X, Y, W, b, a, *, loss: str = "mse", activation: str = "relu"
                    output_scale: float = 1.0):
     """The fused loss (a scalar for a single network, [E] for an ensemble), differentiable twice in W, b, a:
     backward runs the native gradient, double backward the native Hessian-vector product. Losses as in
-    ``physai.twolayer.TwoLayer``."""
+    ``physai.twolayer.TwoLayer``. Shapes as in :func:`two_layer`, with targets Y [n,k] (or [E,n,k]); CPU tensors
+    of one dtype, float32 or float64."""
     ensemble = _Ensemble(W)
     code = LOSSES.index(check_choice(loss, "loss", LOSSES))
     value = _LossFunction.apply(X, Y, ensemble.up(W, 2), ensemble.up(b, 1), ensemble.up(a, 2),
@@ -183,7 +185,8 @@ class TwoLayerModule(torch.nn.Module):
         numpy_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype)
         if numpy_dtype is None:
             raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
-        init = TwoLayer(d, m, k, activation, param, bias, ensemble or 1, numpy_dtype, seed)
+        members = 1 if ensemble is None else check_int(ensemble, "ensemble", min=1)
+        init = TwoLayer(d, m, k, activation, param, bias, members, numpy_dtype, seed)
         squeeze = (lambda x: x[0]) if ensemble is None else (lambda x: x)
         self.W = torch.nn.Parameter(torch.from_numpy(squeeze(init.W).copy()))
         self.b = torch.nn.Parameter(torch.from_numpy(squeeze(init.b).copy())) if bias else None
@@ -210,9 +213,12 @@ class TwoLayerModule(torch.nn.Module):
                     output_scale=self.scaling.output_scale)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
+        """X [n, d] (or [E, n, d]) -> outputs [n, k] ([E, n, k] for an ensemble), in the parameters' dtype."""
         return two_layer(X, self.W, self.b, self.a, **self._kwargs())
 
     def loss(self, X: torch.Tensor, Y: torch.Tensor, loss: str = "mse") -> torch.Tensor:
+        """The fused mean loss on X [n, d], Y [n, k] (or per member [E, ...]): a scalar, or [E] for an ensemble;
+        differentiable twice (double backward is the native HVP)."""
         return two_layer_loss(X, Y, self.W, self.b, self.a, loss=loss, **self._kwargs())
 
     def hessian_eigs(self, X: torch.Tensor, Y: torch.Tensor, loss: str = "mse", **options):
@@ -234,7 +240,8 @@ class TwoLayerModule(torch.nn.Module):
 
 
 def torch_reference(X, W, b, a, *, activation="relu", input_scale=1.0, output_scale=1.0):
-    """Plain torch ops of the same network (the autograd oracle in tests and the eager baseline in benchmarks)."""
+    """Plain torch ops of the same network (the autograd oracle in tests and the eager baseline in benchmarks).
+    Shapes as in :func:`two_layer` (any leading batch axes broadcast); any float dtype."""
     Z = input_scale * X @ W.transpose(-1, -2)
     if b is not None:
         Z = Z + b.unsqueeze(-2)
@@ -242,7 +249,8 @@ def torch_reference(X, W, b, a, *, activation="relu", input_scale=1.0, output_sc
 
 
 def torch_loss(F, Y, loss="mse"):
-    """Plain torch version of the losses, averaged as in the kernels, per member (reduces the last two axes)."""
+    """Plain torch version of the losses, averaged as in the kernels: F, Y [..., n, k] -> [...] (reduces the last
+    two axes, so one value per member); any float dtype."""
     n, k = F.shape[-2], F.shape[-1]
     if loss == "mse":
         return 0.5 * ((F - Y) ** 2).sum((-1, -2)) / (n * k)
