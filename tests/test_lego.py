@@ -376,6 +376,21 @@ def test_group_objects_and_native_tables_are_checked():
         _core.lego.generate(3, np.array([[0, 2], [2, 0]], dtype=np.int32), 0, 1, True, task.vocab.native_ids(), 0, 0, 4)
 
 
+def test_indices_and_names_out_of_range_are_refused():
+    task = LegoTask(4, "z3")
+    with pytest.raises(ValueError, match="token_id"):
+        task.vocab[-1]
+    with pytest.raises(ValueError, match="token_id"):
+        task.vocab[len(task.vocab)]
+    with pytest.raises(ValueError, match="label"):
+        task.value_name(3)
+    with pytest.raises(ValueError, match="batch_size"):
+        task.sample(2**60)  # its token array would exceed 2**63 bytes
+    with pytest.raises(TypeError, match="element_names"):
+        LegoTask(3, [[0, 1], [1, 0]], element_names=["a", 3])
+    assert task.decode([]) == ""
+
+
 def test_empty_batch():
     batch = LegoTask(4).sample(0)
     assert batch.tokens.shape == (0, 22) and batch.labels.shape == (0, 4)

@@ -48,3 +48,16 @@ def test_cli_info_runs():
 
     out = subprocess.run([sys.executable, "-m", "physai", "info"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["version"] == physai.__version__
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["lego", "-n", "-1"], "batch_size"),
+    (["lego", "--group", "q8"], "group"),
+    (["eos", "--lr", "-1", "--plot", ""], "learning_rates"),
+])
+def test_cli_reports_bad_values_as_usage_errors(argv, match, capsys):
+    from physai.cli import main
+
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"physai {argv[0]}: error: ") and match in error and "Traceback" not in error

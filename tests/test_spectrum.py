@@ -379,3 +379,17 @@ def test_a_warm_start_on_a_lower_eigenvector_still_finds_the_top():
     result = lanczos(DenseOperator(A), k=1, v0=np.eye(5)[4])
     np.testing.assert_allclose(result.values[0, 0], 5.0, rtol=1e-12)
     np.testing.assert_allclose(np.abs(result.vectors[0, 0]), np.eye(5)[0], atol=1e-12)
+
+
+def test_malformed_operators_are_refused_by_name():
+    class Operator:
+        shape, dtype = (1, 3, 3), np.float64
+
+        def matvec(self, V):
+            return V.astype(complex)
+
+    with pytest.raises(TypeError, match="op.matvec: expected real values"):
+        lanczos(Operator())
+    Operator.shape = None
+    with pytest.raises(TypeError, match="op.shape"):
+        power_iteration(Operator())

@@ -160,6 +160,14 @@ def test_functional_forms_and_errors():
         second.bias.fill_(1.0)
     with pytest.raises(ValueError, match="bias"):
         TwoLayerModule.from_linear(torch.nn.Linear(3, 4), second)
+    with pytest.raises(TypeError, match="W: expected a torch.Tensor"):
+        two_layer(X, W.tolist(), None, a)
+    with pytest.raises(TypeError, match="input_scale"):
+        two_layer(X, W, None, a, input_scale="2")
+    with pytest.raises(ValueError, match="second: expected 4 input features"):
+        TwoLayerModule.from_linear(torch.nn.Linear(3, 4), torch.nn.Linear(5, 1, bias=False))
+    with pytest.raises(TypeError, match="first: expected a torch.nn.Linear"):
+        TwoLayerModule.from_linear(torch.nn.ReLU(), second)
 
 
 def test_training_loop_with_the_module_learns():

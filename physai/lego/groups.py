@@ -111,6 +111,8 @@ def resolve_group(group, names=None) -> Group:
         if names is None:
             names = tuple(f"g{i}" for i in range(table.shape[0]))
         names = tuple(names)
+        if not all(isinstance(name, str) for name in names):
+            raise TypeError(f"element_names: expected strings, got {names!r}")
         if len(names) != table.shape[0] or len(set(names)) != len(names):
             raise ValueError(f"element_names: expected {table.shape[0]} distinct names, got {names!r}")
         return Group("table", table, names)

@@ -39,7 +39,7 @@ class Vocab:
         return len(self.tokens)
 
     def __getitem__(self, token_id: int) -> str:
-        return self.tokens[token_id]
+        return self.tokens[check_int(token_id, "token_id", min=0, max=len(self.tokens) - 1)]
 
     def id(self, token: str) -> int:
         """Token id of a token string (KeyError names an unknown token)."""
@@ -132,7 +132,8 @@ class LegoTask:
         Sample i of a stream is the same whatever ``batch_size``, ``start``, the thread count or the
         implementation (``physai.lego.reference`` produces the same bits in pure Python).
         """
-        batch_size = check_int(batch_size, "batch_size", min=0)
+        # beyond this the int64 token array's size in bytes overflows (smaller sizes may still not fit in memory)
+        batch_size = check_int(batch_size, "batch_size", min=0, max=(2**63 - 1) // (8 * self.sequence_length))
         seed = check_seed(seed)
         start = check_int(start, "start", min=0, max=2**64 - 1 - batch_size)
         arrays = _core.lego.generate(self.n_vars, self.group.table, GRAPHS.index(self.graph), self.components,
@@ -142,6 +143,8 @@ class LegoTask:
     def decode(self, tokens) -> str:
         """Render one sentence ``[5n+2]`` (or a batch ``[B, 5n+2]``, giving a list) of integer token ids as text."""
         tokens = np.asarray(tokens)
+        if tokens.size == 0:  # [] arrives as float64
+            tokens = tokens.astype(np.int64)
         if tokens.dtype.kind not in "iu":
             raise TypeError(f"tokens: expected integer token ids, got dtype {tokens.dtype}")
         if tokens.ndim == 2:
@@ -154,6 +157,7 @@ class LegoTask:
 
     def value_name(self, label: int) -> str:
         """Human-readable value of a label: ``+1``/``-1`` for Z2, the element name otherwise."""
+        label = check_int(label, "label", min=0, max=self.group.order - 1)
         if self.group.name == "z2":
             return ("+1", "-1")[label]
         return self.group.names[label]

@@ -55,7 +55,10 @@ def _operator_dims(op) -> tuple[int, int, np.dtype]:
         if not hasattr(op, attribute):
             raise TypeError(f"op: expected an object with shape, dtype and matvec, {type(op).__name__} has no "
                             f"{attribute!r}")
-    shape = tuple(op.shape)
+    try:
+        shape = tuple(op.shape)
+    except TypeError:
+        raise TypeError(f"op.shape: expected a tuple (n, n) or (batch, n, n), got {op.shape!r}") from None
     if len(shape) == 2:
         shape = (1, *shape)
     if len(shape) != 3 or shape[1] != shape[2]:
@@ -68,6 +71,8 @@ def _operator_dims(op) -> tuple[int, int, np.dtype]:
 def _callback(op, batch: int, n: int, dtype: np.dtype):
     def matvec(V):
         out = np.asarray(op.matvec(V))
+        if out.dtype.kind not in "iuf":
+            raise TypeError(f"op.matvec: expected real values, got dtype {out.dtype}")
         if out.shape != (batch, n):
             raise ValueError(f"op.matvec: expected a result of shape ({batch}, {n}), got {out.shape}")
         return np.ascontiguousarray(out, dtype=dtype)

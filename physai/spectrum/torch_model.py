@@ -31,7 +31,16 @@ def _torch():
     return torch
 
 
+def _pair(batch):
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(f"data: each batch must be an (inputs, targets) pair, got a {type(batch).__name__}"
+                         + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+    return batch
+
+
 def _batches(data):
+    if hasattr(data, "shape"):
+        raise TypeError("data: expected (inputs, targets) tensors or an iterable of such batches, got one tensor")
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(hasattr(x, "shape") for x in data):
         batches = [tuple(data)]
     else:
@@ -86,8 +95,10 @@ class HessianOperator:
         tangents = self._unflatten(v)
         total, count = torch.zeros_like(v), 0
         batches = self.batches
-        for inputs, targets in progress(batches, total=len(batches) if hasattr(batches, "__len__") else None,
-                                        desc="hvp", enabled=self.progress_bar):
+        for batch in progress(batches, total=len(batches) if hasattr(batches, "__len__") else None, desc="hvp",
+                              enabled=self.progress_bar):
+            inputs, targets = _pair(batch)
+
             def loss(params):
                 return self.loss_fn(functional_call(self.model, params, (inputs,)), targets)
 
@@ -138,7 +149,7 @@ def _fused_two_layer(model, loss_fn, data):
     batches = _batches(data)
     if not isinstance(batches, list) or len(batches) != 1:
         raise ValueError("data: the fused two-layer path takes the full batch as one (X, Y) pair")
-    return batches[0]
+    return _pair(batches[0])
 
 
 def hessian_eigs(model, loss_fn, data, k: int = 1, method: str = "lanczos", which: str = "LA", tol: float = 1e-6,

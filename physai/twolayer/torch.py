@@ -19,7 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from physai import _core
-from physai._checks import check_choice, check_int
+from physai._checks import check_choice, check_float, check_int
 from physai.twolayer.params import ACTIVATIONS, LOSSES, PARAMETERIZATIONS, scaling
 
 _ACTIVATION_FUNCTIONS = {
@@ -50,7 +50,7 @@ def _native(name: str, dtype: torch.dtype):
 
 
 def _config(input_scale: float, output_scale: float, activation: str):
-    return _core.twolayer.Config(float(input_scale), float(output_scale),
+    return _core.twolayer.Config(check_float(input_scale, "input_scale"), check_float(output_scale, "output_scale"),
                                  ACTIVATIONS.index(check_choice(activation, "activation", ACTIVATIONS)))
 
 
@@ -58,6 +58,8 @@ class _Ensemble:
     """Adds a leading member axis to single-network tensors and removes it from results."""
 
     def __init__(self, W: torch.Tensor):
+        if not isinstance(W, torch.Tensor):
+            raise TypeError(f"W: expected a torch.Tensor, got {type(W).__name__}")
         if W.dim() not in (2, 3):
             raise ValueError(f"W: expected [m, d] or [E, m, d], got shape {tuple(W.shape)}")
         self.single = W.dim() == 2
@@ -197,6 +199,12 @@ class TwoLayerModule(torch.nn.Module):
     @classmethod
     def from_linear(cls, first: torch.nn.Linear, second: torch.nn.Linear, activation: str = "relu"):
         """The fused equivalent of ``second(activation(first(x)))`` (``second`` without bias), sharing nothing."""
+        for layer, name in ((first, "first"), (second, "second")):
+            if not isinstance(layer, torch.nn.Linear):
+                raise TypeError(f"{name}: expected a torch.nn.Linear, got {type(layer).__name__}")
+        if second.in_features != first.out_features:
+            raise ValueError(f"second: expected {first.out_features} input features (first's outputs), got "
+                             f"{second.in_features}")
         if second.bias is not None and torch.any(second.bias != 0):
             raise ValueError("second: the output layer of a fused two-layer network has no bias")
         module = cls(first.in_features, first.out_features, second.out_features, activation,
