@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <exception>
+#include <memory>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -160,7 +161,9 @@ template <class T>
 struct LanczosMember {
   int64_t n = 0;
   int m = 0;                      // Krylov dimension
-  std::vector<T> basis;           // (m + 1) x n orthonormal vectors
+  // (m + 1) x n orthonormal vectors, uninitialised: a row is written before it is read, and a tracked training step
+  // that needs one or two products would otherwise clear all m + 1 rows.
+  std::unique_ptr<T[]> basis;
   std::vector<double> H;          // m x m projection V^T A V, column-major
   std::vector<double> theta, S;   // Ritz values / vectors of the current projection
   int j = 0;                      // index of the basis vector the next matvec is applied to
@@ -174,7 +177,7 @@ struct LanczosMember {
   CounterStream breakdown{0, 0, kDomainBreakdown};
   std::vector<T> scratch;
 
-  T* v(int i) { return basis.data() + static_cast<size_t>(i) * n; }
+  T* v(int i) { return basis.get() + static_cast<size_t>(i) * n; }
 
   // Removes the span of basis[0..count) from w twice (classical Gram-Schmidt, then a correction pass);
   // coefficients (summed over both passes) go to coef.
@@ -277,7 +280,7 @@ void lanczos(MatVec&& matvec, int64_t batch, int64_t n, const Options& opt, cons
     auto& s = members[b];
     s.n = n;
     s.m = m;
-    s.basis.assign(static_cast<size_t>(m + 1) * n, T(0));
+    s.basis.reset(new T[static_cast<size_t>(m + 1) * n]);
     s.H.assign(static_cast<size_t>(m) * m, 0.0);
     s.breakdown = CounterStream(opt.seed, static_cast<uint64_t>(b), kDomainBreakdown);
     T* x = s.v(0);
@@ -296,7 +299,7 @@ void lanczos(MatVec&& matvec, int64_t batch, int64_t n, const Options& opt, cons
     }
     converged[b] = ok;
     s.done = true;
-    s.basis = {};  // release the member's memory early
+    s.basis.reset();  // release the member's memory early
   };
 
   int64_t active = batch;
