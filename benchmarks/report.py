@@ -36,7 +36,7 @@ def load_ratios(modules):
     return ratios
 
 
-def run_benchmarks(selection: str | None, extra: list[str]) -> dict[str, float]:
+def run_benchmarks(selection: str | None, extra: list[str]) -> tuple[dict[str, float], dict[str, dict]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "bench.json"
         command = [sys.executable, "-m", "pytest", str(HERE), "-q", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
@@ -47,7 +47,9 @@ def run_benchmarks(selection: str | None, extra: list[str]) -> dict[str, float]:
         if not out.exists() or not out.read_text().strip():
             sys.exit("benchmarks produced no results")
         data = json.loads(out.read_text())
-    return {bench["name"]: bench["stats"]["median"] for bench in data["benchmarks"]}
+    medians = {bench["name"]: bench["stats"]["median"] for bench in data["benchmarks"]}
+    extras = {bench["name"]: bench["extra_info"] for bench in data["benchmarks"] if bench.get("extra_info")}
+    return medians, extras
 
 
 def main(argv=None) -> int:
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=pathlib.Path, help="write results here")
     args, extra = parser.parse_known_args(argv)
 
-    medians = run_benchmarks(args.selection, extra)
+    medians, extras = run_benchmarks(args.selection, extra)
     rows, missing = [], []
     for ratio in load_ratios(None):
         base, subject = medians.get(ratio["baseline"]), medians.get(ratio["subject"])
@@ -70,18 +72,24 @@ def main(argv=None) -> int:
     print("| benchmark | median ms |\n|---|---:|")
     for name, median in medians.items():
         print(f"| {name} | {median * 1e3:.4g} |")
+    if extras:  # what the benchmarks measured besides time (accuracy reached, products spent)
+        print("\n## Other measurements\n")
+        for name, info in extras.items():
+            print(f"- {name}: " + ", ".join(f"{key} = {value:.3g}" if isinstance(value, float) else f"{key} = {value}"
+                                            for key, value in info.items()))
     print("\n## Ratios (time of baseline / time of subject, same run)\n")
     print("| what | ratio | goal | ok |\n|---|---:|---:|:-:|")
     for row in rows:
         print(f"| {row['label']} | {row['ratio']:.3g}x | >= {row['goal']:g}x | {'yes' if row['ok'] else 'NO'} |")
-    # A ratio whose benchmarks were skipped (no torch, no GPU) must not vanish from the table unnoticed; with -k
-    # the deselected ones are listed too.
-    for ratio in missing:
-        print(f"| {ratio['label']} | not run | >= {ratio['goal']:g}x | - |")
-    if missing and not args.selection:
-        print(f"\n{len(missing)} ratio(s) not measured: their benchmarks were skipped (see the pytest output above).")
+    # A ratio whose benchmarks were skipped (no torch, no GPU) must not vanish from the full table unnoticed; with
+    # -k, skipped and deselected look alike, and only the selection is shown.
+    if not args.selection:
+        for ratio in missing:
+            print(f"| {ratio['label']} | not run | >= {ratio['goal']:g}x | - |")
+        if missing:
+            print(f"\n{len(missing)} ratio(s) not measured: their benchmarks were skipped (see the pytest output above).")
     if args.json:
-        args.json.write_text(json.dumps({"medians": medians, "ratios": rows}, indent=2))
+        args.json.write_text(json.dumps({"medians": medians, "extra_info": extras, "ratios": rows}, indent=2))
     return 0
 
 

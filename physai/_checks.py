@@ -8,6 +8,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+MAX_INT32 = 2**31 - 1
+MAX_INT64 = 2**63 - 1
+
 
 def check_int(value, name: str, *, min: int | None = None, max: int | None = None) -> int:
     """Return ``value`` as a Python int; bools and floats are refused."""
@@ -85,8 +88,6 @@ def check_array(x, name: str, *, dtype=None, ndim=None, shape=None, contiguous: 
         raise ValueError(f"{name}: expected a C-contiguous array (use np.ascontiguousarray)")
     return x
 
-
-MAX_INT64 = 2**63 - 1
 
 
 def check_v0(v0, batch: int, n: int, dtype: np.dtype):

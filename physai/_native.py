@@ -79,9 +79,9 @@ def get_num_threads() -> int:
 
 def set_num_threads(n: int) -> None:
     """Set the number of threads of the native kernels. Results do not depend on it, only speed."""
-    from physai._checks import check_int
+    from physai._checks import MAX_INT32, check_int
 
-    _core.set_num_threads(check_int(n, "n", min=1, max=2**31 - 1))
+    _core.set_num_threads(check_int(n, "n", min=1, max=MAX_INT32))
 
 
 @contextlib.contextmanager

@@ -11,6 +11,22 @@ import sys
 _COMMAND_MODULES = ("physai.lego.cli", "physai.experiments.eos")
 
 
+def count(text: str) -> int:
+    """argparse type of a non-negative integer option (the message names the option)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def positive(text: str) -> float:
+    """argparse type of a positive finite real option."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
 def _info(args: argparse.Namespace) -> int:
     from physai import native_info
 
@@ -43,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, OSError) as error:
-        # Bad option values reach the library's checks, whose messages name the value; a usage error, not a crash.
+    except (ValueError, OSError) as error:
+        # Values argparse cannot judge (a group name, a combination of sizes) reach the library's checks, and output
+        # paths the file system: usage errors, not crashes.
         print(f"physai {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -20,7 +20,7 @@ Example::
 """
 from __future__ import annotations
 
-from physai._checks import check_choice, check_float, check_int, check_seed
+from physai._checks import MAX_INT32, check_choice, check_float, check_int, check_seed
 from physai._native import _cuda
 
 ACTIVATIONS = ("relu", "tanh", "gelu", "erf", "quadratic", "linear", "softplus")
@@ -158,7 +158,7 @@ def sharpness(W, b, a, X, Y, *, activation="relu", loss="mse", input_scale=1.0, 
     the flattened order [W.ravel(), b, a.ravel()] (P = m d + m (if bias) + k m), and the number of steps taken.
     The start vector is Gaussian from a CPU torch generator seeded with ``seed``, so results are reproducible.
     """
-    iters = check_int(iters, "iters", min=1, max=2**31 - 1)
+    iters = check_int(iters, "iters", min=1, max=MAX_INT32)
     tol = check_float(tol, "tol", nonnegative=True)
     seed = check_seed(seed)
     call, dt, W = _prepare(W, b, a, X, Y, activation, loss, input_scale, output_scale)

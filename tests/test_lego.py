@@ -371,6 +371,8 @@ def test_group_objects_and_native_tables_are_checked():
         LegoTask(3, Group("bad", np.array([[0, 5], [5, 0]], dtype=np.int32), ("a", "b")))
     with pytest.raises(ValueError, match="names"):
         LegoTask(3, Group("short", np.array([[0, 1], [1, 0]], dtype=np.int32), ("a",)))
+    klein = Group("klein", np.array([[a ^ b for b in range(4)] for a in range(4)], dtype=np.int64), tuple("IXYZ"))
+    assert LegoTask(3, klein).group.table.dtype == np.int32  # validated and converted, not just checked
     task = LegoTask(3)
     with pytest.raises(ValueError, match="table"):
         _core.lego.generate(3, np.array([[0, 2], [2, 0]], dtype=np.int32), 0, 1, True, task.vocab.native_ids(), 0, 0, 4)

@@ -391,10 +391,12 @@ def test_from_arrays_shares_and_checks_the_arrays():
 def test_direction_parts_must_match_the_parameters():
     net, X, Y, v = make_problem(E=3)
     W, b, a = v
-    for direction, match in [((W.transpose(0, 2, 1), b, a), "W part"), ((W, b), "three parts"),
-                             ((W[:1], b[:1], a[:1]), "W part"), ((W, None, a), "needs a b part")]:
+    for direction, match in [((W.transpose(0, 2, 1), b, a), "W part"), ((W[:1], b[:1], a[:1]), "W part"),
+                             ((W, None, a), "b part is missing"), ((None, b, a), "W part is missing")]:
         with pytest.raises(ValueError, match=match):
             net.hvp(X, Y, direction)
+    with pytest.raises(TypeError, match="three parts"):
+        net.hvp(X, Y, (W, b))
     no_bias, X, Y, (W, _, a) = make_problem(E=3, bias=False)
     with pytest.raises(ValueError, match="no bias"):
         no_bias.hvp(X, Y, (W, np.zeros((3, W.shape[1])), a))
@@ -423,7 +425,7 @@ def test_nan_inputs_propagate_through_relu_like_the_reference():
 
 
 def test_cross_entropy_with_huge_logits_matches_the_reference():
-    # Logits 1e17 - 1, 1e17 and 1e17 + 1 ulp (16), exact through a 1-unit linear net: the loss and softmax see
+    # Logits 1e17 - 16, 1e17 and 1e17 + 16 (16 is one ulp there), exact through a 1-unit linear net: the loss and softmax see
     # differences of 16, which the log-sum-exp must not lose against the logits' magnitude.
     net = TwoLayer(1, 1, 3, activation="linear", bias=False, dtype=np.float64)
     net.W[:] = 1.0

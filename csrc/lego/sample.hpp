@@ -157,7 +157,7 @@ PHYSAI_HD int32_t typical_draws(const Spec& s) {
          (s.shuffle ? s.n_vars - 1 : 0);
 }
 
-// Bound on typical_draws over every spec: names, parents, elements and the shuffle take fewer than n_vars each.
+// Bound on typical_draws over every spec: names, parents, elements and the shuffle take at most n_vars each.
 constexpr int32_t kMaxTypicalDraws = 4 * kMaxVars;
 
 // Writes tokens [5n+2], labels/positions/depth [n] of sample `index`. Variables are in graph order: chains

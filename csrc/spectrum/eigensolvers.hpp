@@ -93,8 +93,12 @@ void start_vector(const Options& opt, const T* v0, int64_t b, int64_t n, T* x, c
   }
   // Scaled by its largest entry first, so that the squares in the norm neither overflow nor underflow.
   double largest = 0.0;
-  for (int64_t t = 0; t < n; ++t) largest = std::max(largest, std::abs(static_cast<double>(x[t])));
-  PHYSAI_REQUIRE(largest > 0 && std::isfinite(largest), solver, ": v0 of member ", b, " is zero or not finite");
+  bool finite = true;
+  for (int64_t t = 0; t < n; ++t) {
+    finite &= std::isfinite(static_cast<double>(x[t]));
+    largest = std::max(largest, std::abs(static_cast<double>(x[t])));
+  }
+  PHYSAI_REQUIRE(largest > 0 && finite, solver, ": v0 of member ", b, " is zero or not finite");
   for (int64_t t = 0; t < n; ++t) x[t] = static_cast<T>(x[t] / largest);
   const double nx = norm(x, n);
   for (int64_t t = 0; t < n; ++t) x[t] = static_cast<T>(x[t] / nx);
@@ -167,10 +171,11 @@ struct LanczosMember {
   std::vector<double> H;          // m x m projection V^T A V, column-major
   std::vector<double> theta, S;   // Ritz values / vectors of the current projection
   int j = 0;                      // index of the basis vector the next matvec is applied to
-  // The Krylov space became invariant before filling the basis: its Ritz pairs are exact, but a Krylov space
-  // holds one vector per eigenvalue (and none where v0 has no component), so they need not be the wanted ones
+  // The Krylov space became exactly invariant before filling the basis: its Ritz pairs are exact, but a Krylov
+  // space holds one vector per eigenvalue (and none where v0 has no component), so they need not be the wanted ones
   // (a repeated top eigenvalue, or a warm start that is itself an eigenvector). Convergence then waits until the
-  // basis is full, extended by random directions.
+  // basis is full, extended by random directions. (A v0 merely close to another eigenvector can still converge to
+  // it: no residual test can tell.)
   bool exhausted = false;
   bool done = false;
   int64_t matvecs = 0;

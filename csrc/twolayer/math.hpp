@@ -65,7 +65,7 @@ PHYSAI_MATH void activate(Activation act, T x, T& s, T& ds, T& dds) {
       s = (x > T(0) ? x : T(0)) + std::log1p(e);
       const T r = T(1) / (T(1) + e);
       ds = x >= T(0) ? r : e * r;  // sigmoid(x)
-      dds = e * r * r;             // sigmoid(x) sigmoid(-x), without the cancellation of p (1 - p) in the tails
+      dds = e * r * r;             // sigmoid_slope(x), sharing e with the value
       return;
     }
   }

@@ -134,14 +134,16 @@ def run(config: EosConfig = EosConfig()) -> EosResult:
 
 def add_parser(commands) -> None:
     """Register the ``physai eos`` command on the CLI's subparsers."""
+    from physai.cli import count, positive
+
     parser = commands.add_parser("eos", help="edge-of-stability experiment",
                                  description="Full-batch GD on a two-layer tanh net: sharpness rises to 2/lr.")
-    parser.add_argument("--lr", type=float, nargs="+", default=list(EosConfig.learning_rates))
-    parser.add_argument("--steps", type=int, default=EosConfig.steps)
+    parser.add_argument("--lr", type=positive, nargs="+", default=list(EosConfig.learning_rates))
+    parser.add_argument("--steps", type=count, default=EosConfig.steps)
     parser.add_argument("--track-every", type=int, default=EosConfig.track_every)
     parser.add_argument("--width", type=int, default=EosConfig.width)
     parser.add_argument("--n", type=int, default=EosConfig.n)
-    parser.add_argument("--seed", type=int, default=EosConfig.seed)
+    parser.add_argument("--seed", type=count, default=EosConfig.seed)
     parser.add_argument("--json", default="eos.json", help="where to write the trajectories")
     parser.add_argument("--plot", default="eos.png", help="where to write the figure ('' to skip)")
     parser.set_defaults(run=_main)

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import argparse
 
+from physai.cli import count
+
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("lego", help="generate LEGO sentences",
                                  description="Print LEGO sentences and the value of every variable.")
     parser.add_argument("--demo", action="store_true", help="print a few sentences (the default action)")
-    parser.add_argument("-n", "--count", type=int, default=4, help="number of sentences")
+    parser.add_argument("-n", "--count", type=count, default=4, help="number of sentences")
     parser.add_argument("--n-vars", type=int, default=12)
     parser.add_argument("--group", default="z2", help="z2, z<k> or s3")
     parser.add_argument("--graph", default="chain", choices=("chain", "tree"))
     parser.add_argument("--components", type=int, default=1)
     parser.add_argument("--no-shuffle", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=count, default=0)
     parser.set_defaults(run=run)
 
 

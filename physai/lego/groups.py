@@ -89,15 +89,20 @@ def _s3() -> Group:
     return Group("s3", table, names)
 
 
+def _checked_names(names, order: int) -> tuple[str, ...]:
+    names = tuple(names)
+    if not all(isinstance(name, str) for name in names):
+        raise TypeError(f"element_names: expected strings, got {names!r}")
+    if len(names) != order or len(set(names)) != len(names):
+        raise ValueError(f"element_names: expected {order} distinct names, got {names!r}")
+    return names
+
+
 def resolve_group(group, names=None) -> Group:
     """``group`` is ``"z2"``, ``"z<k>"`` (2 <= k <= MAX_ORDER), ``"s3"``, a Cayley table ([G, G] integers, see
     :func:`validate_cayley_table`), or a ``Group``; ``names`` name a table's elements."""
     if isinstance(group, Group):
-        validate_cayley_table(group.table)
-        if len(group.names) != group.order or len(group.table) != group.order:
-            raise ValueError(f"group: {group.name!r} has {len(group.names)} names for a table of order "
-                             f"{len(group.table)}")
-        return group
+        return Group(group.name, validate_cayley_table(group.table), _checked_names(group.names, len(group.table)))
     if isinstance(group, str):
         match = re.fullmatch(r"z(\d+)", group)
         if match and 2 <= int(match.group(1)) <= MAX_ORDER:
@@ -110,10 +115,5 @@ def resolve_group(group, names=None) -> Group:
         table = validate_cayley_table(group)
         if names is None:
             names = tuple(f"g{i}" for i in range(table.shape[0]))
-        names = tuple(names)
-        if not all(isinstance(name, str) for name in names):
-            raise TypeError(f"element_names: expected strings, got {names!r}")
-        if len(names) != table.shape[0] or len(set(names)) != len(names):
-            raise ValueError(f"element_names: expected {table.shape[0]} distinct names, got {names!r}")
-        return Group("table", table, names)
+        return Group("table", table, _checked_names(names, table.shape[0]))
     raise TypeError(f"group: expected a name or a Cayley table, got {type(group).__name__}")

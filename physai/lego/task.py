@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from physai import _core
-from physai._checks import check_choice, check_int, check_seed
+from physai._checks import MAX_INT64, check_choice, check_int, check_seed
 from physai.lego.groups import Group, resolve_group
 
 VARIABLE_NAMES = tuple("abcdefghijklmnopqrstuvwxyz")
@@ -42,7 +42,7 @@ class Vocab:
         return self.tokens[check_int(token_id, "token_id", min=0, max=len(self.tokens) - 1)]
 
     def id(self, token: str) -> int:
-        """Token id of a token string (KeyError names an unknown token)."""
+        """Token id of a token string (ValueError names an unknown token)."""
         try:
             return self._ids[token]
         except KeyError:
@@ -133,7 +133,7 @@ class LegoTask:
         implementation (``physai.lego.reference`` produces the same bits in pure Python).
         """
         # beyond this the int64 token array's size in bytes overflows (smaller sizes may still not fit in memory)
-        batch_size = check_int(batch_size, "batch_size", min=0, max=(2**63 - 1) // (8 * self.sequence_length))
+        batch_size = check_int(batch_size, "batch_size", min=0, max=MAX_INT64 // (8 * self.sequence_length))
         seed = check_seed(seed)
         start = check_int(start, "start", min=0, max=2**64 - 1 - batch_size)
         arrays = _core.lego.generate(self.n_vars, self.group.table, GRAPHS.index(self.graph), self.components,

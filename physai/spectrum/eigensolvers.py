@@ -89,6 +89,11 @@ def lanczos(op, k: int = 1, which: str = "LA", tol: float = 1e-6, max_iter: int 
     tol: a pair is converged when ||A y - theta y|| <= tol * |theta|. max_iter: matvecs per member, >= k.
     ncv: Krylov dimension before a thick restart (default min(n, max(2k + 1, 20))), in (k, n] or equal n.
     v0: warm start [batch, n] (or [n]), e.g. the previous top eigenvector; default random from ``seed``.
+
+    A Krylov space holds one direction per distinct eigenvalue. When it becomes exactly invariant before ``ncv``
+    vectors (a repeated top eigenvalue, a v0 that is an eigenvector, a zero operator), the solver goes on in random
+    directions until the basis is full, so such members cost up to ``ncv`` matvecs; a multiplicity that only
+    rounding reveals can still be missed, as with any single-vector Krylov method.
     """
     batch, n, dtype = _operator_dims(op)
     k = check_int(k, "k", min=1)

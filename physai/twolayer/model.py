@@ -219,7 +219,7 @@ class TwoLayer:
     def flatten(self, tensors) -> np.ndarray:
         """(W-like, b-like or None, a-like), each shaped like that parameter, -> [E, P] in the model's dtype."""
         if not isinstance(tensors, (tuple, list)) or len(tensors) != 3:
-            raise ValueError("direction: expected a tuple (W-like, b-like or None, a-like) of three parts")
+            raise TypeError("direction: expected a tuple (W-like, b-like or None, a-like) of three parts")
         parts = []
         for part, param, name in zip(tensors, (self.W, self.b, self.a), "Wba"):
             if param is None:
@@ -227,7 +227,7 @@ class TwoLayer:
                     raise ValueError(f"direction: the model has no bias, so the {name} part must be None")
                 continue
             if part is None:
-                raise ValueError(f"direction: the model has a bias, so the direction needs a {name} part")
+                raise ValueError(f"direction: the {name} part is missing (got None)")
             part = np.asarray(part, self.dtype)
             if part.shape != param.shape:
                 raise ValueError(f"direction: the {name} part must have the shape of {name}, {param.shape}, got "
