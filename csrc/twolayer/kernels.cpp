@@ -789,10 +789,9 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
   const int64_t batch = schedule.batch_size > 0 ? std::min(schedule.batch_size, n) : n;
   const int64_t blocks = batch > 0 ? (n + batch - 1) / batch : 1;
   std::vector<T> dW(E * m * d), db(b ? E * m : 0), da(E * k * m);
-  std::vector<T> eigenvector(tracking.every > 0 ? E * P : 0), top(E);
+  std::vector<T> eigenvector(tracking.every > 0 ? E * P : 0);
   std::vector<uint8_t> converged(E);
   std::unique_ptr<HessianOperator<T>> tracked_operator;
-  std::vector<T> clean;  // V with the rows of diverged members zeroed
   bool warm = false;
 
   auto update = [&](int64_t e) {
@@ -815,30 +814,44 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
       else
         tracked_operator->refresh();
       const HessianOperator<T>& op = *tracked_operator;
-      std::vector<uint8_t> diverged(E);
-      for (int64_t e = 0; e < E; ++e) diverged[e] = !std::isfinite(double(op.loss(e)));
-      const bool any_diverged = std::find(diverged.begin(), diverged.end(), 1) != diverged.end();
-      // Diverged members see the zero operator: their rows of V are zeroed, which the operator skips.
+      // Members whose loss is no longer finite (diverged) get NaN; the solver sees only the others, as a batch of L.
+      std::vector<int64_t> live;
+      for (int64_t e = 0; e < E; ++e)
+        if (std::isfinite(double(op.loss(e)))) live.push_back(e);
+      const int64_t L = static_cast<int64_t>(live.size()), row = step / tracking.every;
+      std::vector<T> V_all(L < E ? E * P : 0, T(0)), out_all(V_all.size());  // diverged rows stay zero: skipped
       auto matvec = [&](const T* V, T* out) {
-        if (!any_diverged) return op.apply(V, out);
-        clean.assign(V, V + E * P);
-        for (int64_t e = 0; e < E; ++e)
-          if (diverged[e]) std::fill(clean.begin() + e * P, clean.begin() + (e + 1) * P, T(0));
-        op.apply(clean.data(), out);
+        if (L == E) return op.apply(V, out);
+        for (int64_t i = 0; i < L; ++i) std::copy(V + i * P, V + (i + 1) * P, V_all.begin() + live[i] * P);
+        op.apply(V_all.data(), out_all.data());
+        for (int64_t i = 0; i < L; ++i)
+          std::copy(out_all.begin() + live[i] * P, out_all.begin() + (live[i] + 1) * P, out + i * P);
       };
-      const int64_t row = step / tracking.every;
-      if (warm)
-        for (int64_t e = 0; e < E; ++e)
-          if (diverged[e] || !std::all_of(eigenvector.begin() + e * P, eigenvector.begin() + (e + 1) * P,
-                                          [](T x) { return std::isfinite(double(x)); }))
-            std::fill(eigenvector.begin() + e * P, eigenvector.begin() + (e + 1) * P, T(1));
-      eigensolve(tracking.use_lanczos, matvec, E, P, tracking.options, warm ? eigenvector.data() : nullptr, top.data(),
-                 eigenvector.data(), tracking.matvecs + row * E, converged.data());
-      warm = true;
-      for (int64_t e = 0; e < E; ++e) {
-        tracking.sharpness[row * E + e] = diverged[e] ? std::numeric_limits<T>::quiet_NaN() : top[e];
-        if (diverged[e]) tracking.matvecs[row * E + e] = 0;  // its products were zero rows, which cost nothing
+      // Warm start (after the first tracked step): each live member's previous top eigenvector, or ones where that
+      // is not finite.
+      std::vector<T> start(L * P), vectors(L * P), top(L);
+      std::vector<int64_t> matvecs(L);
+      for (int64_t i = 0; i < L; ++i) {
+        const auto previous = eigenvector.begin() + live[i] * P;
+        const bool usable = warm && std::all_of(previous, previous + P, [](T x) { return std::isfinite(double(x)); });
+        if (usable)
+          std::copy(previous, previous + P, start.begin() + i * P);
+        else
+          std::fill(start.begin() + i * P, start.begin() + (i + 1) * P, T(1));
       }
+      if (L > 0)
+        eigensolve(tracking.use_lanczos, matvec, L, P, tracking.options, warm ? start.data() : nullptr, top.data(),
+                   vectors.data(), matvecs.data(), converged.data());
+      for (int64_t e = 0; e < E; ++e) {
+        tracking.sharpness[row * E + e] = std::numeric_limits<T>::quiet_NaN();
+        tracking.matvecs[row * E + e] = 0;
+      }
+      for (int64_t i = 0; i < L; ++i) {
+        tracking.sharpness[row * E + live[i]] = top[i];
+        tracking.matvecs[row * E + live[i]] = matvecs[i];
+        std::copy(vectors.begin() + i * P, vectors.begin() + (i + 1) * P, eigenvector.begin() + live[i] * P);
+      }
+      warm = true;
       if (rows == n) {
         over_members(E, work_of(net), [&](int64_t e, bool parallel) {
           losses[step * E + e] = op.loss(e);
