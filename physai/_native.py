@@ -87,7 +87,7 @@ def set_num_threads(n: int) -> None:
 @contextlib.contextmanager
 def num_threads(n: int):
     """Context manager: run the enclosed native calls on ``n`` threads."""
-    previous = get_num_threads()
+    previous = _core.configured_num_threads()  # 0 when unset: OpenMP's default then stays in force afterwards
     set_num_threads(n)
     try:
         yield

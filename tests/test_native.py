@@ -14,9 +14,20 @@ def test_native_info_reports_the_build():
 
 
 def test_thread_context_restores():
-    before = physai.get_num_threads()
-    with physai.num_threads(1):
-        assert physai.get_num_threads() == 1
+    from physai import _core
+
+    configured, before = _core.configured_num_threads(), physai.get_num_threads()
+    try:
+        _core.set_num_threads(0)  # unset: OpenMP's default
+        with physai.num_threads(1):
+            assert physai.get_num_threads() == 1
+        assert _core.configured_num_threads() == 0  # unset again, not pinned to the count it resolved to
+        physai.set_num_threads(3)
+        with physai.num_threads(1):
+            pass
+        assert _core.configured_num_threads() == 3
+    finally:
+        _core.set_num_threads(configured)
     assert physai.get_num_threads() == before
 
 

@@ -31,6 +31,7 @@ PYBIND11_MODULE(_core, m) {
   });
   m.def("num_threads", &physai::num_threads);
   m.def("set_num_threads", &physai::set_num_threads, py::arg("n"));
+  m.def("configured_num_threads", &physai::configured_num_threads);
   m.def("blas_num_threads", &physai::blas::num_threads);
 
   auto rng = m.def_submodule("rng", "counter-based random numbers (Philox4x32-10)");

@@ -16,4 +16,6 @@ int num_threads() {
 
 void set_num_threads(int n) { configured_threads.store(std::max(0, n), std::memory_order_relaxed); }
 
+int configured_num_threads() { return configured_threads.load(std::memory_order_relaxed); }
+
 }  // namespace physai

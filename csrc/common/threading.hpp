@@ -7,7 +7,8 @@
 namespace physai {
 
 int num_threads();
-void set_num_threads(int n);
+void set_num_threads(int n);  // 0: back to OpenMP's default
+int configured_num_threads();  // what set_num_threads last set (0: OpenMP's default)
 
 // Static schedule: which thread runs an index may vary, what it computes may not.
 template <class Body>
