@@ -391,6 +391,7 @@ def test_indices_and_names_out_of_range_are_refused():
     with pytest.raises(TypeError, match="element_names"):
         LegoTask(3, [[0, 1], [1, 0]], element_names=["a", 3])
     assert task.decode([]) == ""
+    assert repr(task.vocab).startswith(f"Vocab({len(task.vocab)} tokens: [PAD] [CLS]")
 
 
 def test_empty_batch():

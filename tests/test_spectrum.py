@@ -393,3 +393,8 @@ def test_malformed_operators_are_refused_by_name():
     Operator.shape = None
     with pytest.raises(TypeError, match="op.shape"):
         power_iteration(Operator())
+
+
+def test_dense_operator_refuses_non_symmetric_matrices():
+    with pytest.raises(ValueError, match="A: expected symmetric"):
+        DenseOperator(np.arange(9.0).reshape(3, 3))

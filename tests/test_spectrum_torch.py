@@ -194,6 +194,8 @@ def test_bad_input():
         hessian_eigs(model, mse, (X, y), tol=0)
     with pytest.raises(ValueError, match="data"):
         hessian_eigs(model, mse, [])
+    with pytest.raises(TypeError, match="loss_fn: expected a callable"):
+        hessian_eigs(model, "mse", (X, y))
     with pytest.raises(TypeError, match="data: .* got one tensor"):
         hessian_eigs(model, mse, X)
     with pytest.raises(ValueError, match="data: each batch must be an .inputs, targets. pair"):

@@ -436,3 +436,12 @@ def test_cross_entropy_with_huge_logits_matches_the_reference():
     # dW sums G a over logits of 1e17 whose weights nearly cancel: ill-conditioned in any summation order
     assert_close((value, da), (ref_value, ref_da))
     np.testing.assert_allclose(value, (32 + 16 + 0 + 3 * np.log1p(np.exp(-16) + np.exp(-32))) / 3, rtol=1e-12)
+
+
+def test_same_init_starts_every_member_from_member_zero():
+    shared = TwoLayer(4, 6, 2, "tanh", ensemble=3, same_init=True, seed=5)
+    single = TwoLayer(4, 6, 2, "tanh", seed=5)
+    for name in ("W", "b", "a"):
+        np.testing.assert_array_equal(getattr(shared, name), np.broadcast_to(getattr(single, name), getattr(shared, name).shape))
+    with pytest.raises(TypeError, match="same_init"):
+        TwoLayer(4, 6, same_init=1)

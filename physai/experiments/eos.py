@@ -124,9 +124,8 @@ def run(config: EosConfig = EosConfig()) -> EosResult:
     config = config.validated()
     X, Y = make_task(config)
     L = len(config.learning_rates)
-    net = TwoLayer(config.d, config.width, 1, "tanh", "standard", ensemble=L, dtype=config.dtype, seed=config.seed)
-    net.W[:] = net.W[0]
-    net.a[:] = net.a[0]
+    net = TwoLayer(config.d, config.width, 1, "tanh", "standard", ensemble=L, dtype=config.dtype, seed=config.seed,
+                   same_init=True)
     trajectory = net.train(X, Y, np.array(config.learning_rates), config.steps,
                            track_sharpness_every=config.track_every)
     return EosResult(config, trajectory.losses, trajectory.sharpness, trajectory.sharpness_steps, trajectory.matvecs)

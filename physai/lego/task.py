@@ -38,6 +38,10 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def __repr__(self) -> str:
+        shown = " ".join(self.tokens[:40]) + (" ..." if len(self.tokens) > 40 else "")
+        return f"Vocab({len(self.tokens)} tokens: {shown})"
+
     def __getitem__(self, token_id: int) -> str:
         return self.tokens[check_int(token_id, "token_id", min=0, max=len(self.tokens) - 1)]
 

@@ -40,6 +40,8 @@ class DenseOperator:
         if A.ndim != 3 or A.shape[1] != A.shape[2]:
             raise ValueError(f"A: expected shape (n, n) or (batch, n, n), got {A.shape}")
         self.dtype = check_dtype(A.dtype, "A")
+        if not np.allclose(A, A.transpose(0, 2, 1), rtol=1e-5 if self.dtype == np.float32 else 1e-12, atol=0):
+            raise ValueError("A: expected symmetric matrices (the solvers assume a symmetric operator)")
         self.A = np.ascontiguousarray(A)
         self.shape = A.shape
 

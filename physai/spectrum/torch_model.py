@@ -63,6 +63,9 @@ class HessianOperator:
 
     def __init__(self, model, loss_fn, data, *, progress_bar: bool = False):
         torch = _torch()
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable loss(outputs, targets), got {loss_fn!r} (loss names such as "
+                            f"'mse' select the fused path of a physai TwoLayerModule only)")
         self.model, self.loss_fn, self.progress_bar = model, loss_fn, progress_bar
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in model.named_parameters() if p.requires_grad]

@@ -50,6 +50,7 @@ class TwoLayer:
     ensemble : number of members E.
     dtype : float32 or float64.
     seed : member e is initialised from ``numpy.random.default_rng([seed, e])``, so it does not depend on E.
+    same_init : every member starts from member 0's initialisation (what a learning-rate sweep compares).
 
     Attributes
     ----------
@@ -64,11 +65,13 @@ class TwoLayer:
     """
 
     def __init__(self, d: int, m: int, k: int = 1, activation: str = "relu", param: str = "standard",
-                 bias: bool = True, ensemble: int = 1, dtype=np.float32, seed: int = 0):
+                 bias: bool = True, ensemble: int = 1, dtype=np.float32, seed: int = 0, same_init: bool = False):
         self._configure(d, m, k, activation, param, bias, ensemble, dtype)
         seed = check_seed(seed)
+        if not isinstance(same_init, (bool, np.bool_)):
+            raise TypeError(f"same_init: expected a bool, got {type(same_init).__name__}")
         W, a = [], []
-        for e in range(self.ensemble):
+        for e in [0] * self.ensemble if same_init else range(self.ensemble):
             rng = np.random.default_rng([seed, e])
             W.append(rng.standard_normal((self.m, self.d)) * self.scaling.std_W)
             a.append(rng.standard_normal((self.k, self.m)) * self.scaling.std_a)
