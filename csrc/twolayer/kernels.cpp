@@ -4,6 +4,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <limits>
 
 #include "common/blas.hpp"
@@ -663,18 +664,21 @@ HessianOperator<T>::HessianOperator(const Net<T>& net, const Targets<T>& targets
 
 template <class T>
 void HessianOperator<T>::refresh() {
-  const int64_t E = net_.E, n = net_.n, m = net_.m, k = net_.k;
-  over_members(E, work_of(net_), [&](int64_t e, bool parallel) {
-    T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *dS_D2 = dS_D2_.get() + e * n * m;
-    T *F = F_.get() + e * n * k, *G = G_.get() + e * n * k, *dZ = dZ_.get() + e * n * m;
-    hidden(net_, e, net_.X_of(e), n, S, D1, dS_D2, parallel);
-    const auto row_loss = Scratch<T>(n);
-    loss_[e] = loss_tile(net_, e, targets_.loss, static_cast<const T*>(S), targets_.Y_of(e, n, k), n,
-                         loss_scale<T>(targets_.loss, n, k), F, G, row_loss.get(), parallel);
-    over_row_tasks(n, parallel, [&](int64_t r0, int64_t count) {
-      backprop_rows(count, m, k, net_.output_scale, G + r0 * k, net_.a_of(e), D1 + r0 * m, dZ + r0 * m,
-                    dS_D2 + r0 * m);
-    });
+  over_members(net_.E, work_of(net_), [&](int64_t e, bool parallel) { refresh_member(e, parallel); });
+}
+
+template <class T>
+void HessianOperator<T>::refresh_member(int64_t e, bool parallel) {
+  const int64_t n = net_.n, m = net_.m, k = net_.k;
+  T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *dS_D2 = dS_D2_.get() + e * n * m;
+  T *F = F_.get() + e * n * k, *G = G_.get() + e * n * k, *dZ = dZ_.get() + e * n * m;
+  hidden(net_, e, net_.X_of(e), n, S, D1, dS_D2, parallel);
+  const auto row_loss = Scratch<T>(n);
+  loss_[e] = loss_tile(net_, e, targets_.loss, static_cast<const T*>(S), targets_.Y_of(e, n, k), n,
+                       loss_scale<T>(targets_.loss, n, k), F, G, row_loss.get(), parallel);
+  over_row_tasks(n, parallel, [&](int64_t r0, int64_t count) {
+    backprop_rows(count, m, k, net_.output_scale, G + r0 * k, net_.a_of(e), D1 + r0 * m, dZ + r0 * m,
+                  dS_D2 + r0 * m);
   });
 }
 
@@ -790,7 +794,6 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
   const int64_t blocks = batch > 0 ? (n + batch - 1) / batch : 1;
   std::vector<T> dW(E * m * d), db(b ? E * m : 0), da(E * k * m);
   std::vector<T> eigenvector(tracking.every > 0 ? E * P : 0);
-  std::vector<uint8_t> converged(E);
   std::unique_ptr<HessianOperator<T>> tracked_operator;
   bool warm = false;
 
@@ -804,73 +807,81 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
     for (int64_t i = 0; i < k * m; ++i) a_e[i] -= lr * schedule.lr_a * ga[i];
   };
 
+  // Member e's loss and gradient on rows r0 .. r0 + rows, then its update. With full-batch training a tracked step's
+  // gradient comes from the tracked operator's caches, so tracking costs only the HVPs.
+  auto step_member = [&](int64_t step, int64_t e, bool parallel, int64_t r0, int64_t rows,
+                         const HessianOperator<T>* tracked) {
+    T *gW = dW.data() + e * m * d, *gb = b ? db.data() + e * m : nullptr, *ga = da.data() + e * k * m;
+    if (tracked && rows == n) {
+      losses[step * E + e] = tracked->loss(e);
+      tracked->member_gradient(e, parallel, gW, gb, ga);
+    } else {
+      const Net<T> view = row_view(net, e, r0, rows);  // the member's mini-batch
+      const T* Y = targets.Y_of(e, n, k) + r0 * k;
+      losses[step * E + e] = use_row_blocks(E, view)
+                                 ? blocked_loss_and_grad(view, Y, targets.loss, gW, gb, ga)
+                                 : member_loss_and_grad(view, Y, targets.loss, 0, gW, gb, ga, parallel, rows);
+    }
+    update(e);
+  };
+
+  // Member e's top Hessian eigenpair, warm-started from its previous one (ones where that is not finite; the
+  // solver's own random start on the first tracked step). A member whose loss is no longer finite (diverged) gets
+  // NaN and costs nothing.
+  auto track_member = [&](int64_t row, int64_t e, bool parallel, const HessianOperator<T>& op) {
+    tracking.sharpness[row * E + e] = std::numeric_limits<T>::quiet_NaN();
+    tracking.matvecs[row * E + e] = 0;
+    if (!std::isfinite(double(op.loss(e)))) return;
+    T* vector = eigenvector.data() + e * P;
+    std::vector<T> start(P);
+    if (!warm) {
+      CounterStream stream(tracking.options.seed, static_cast<uint64_t>(e), spectrum::kDomainStart);
+      spectrum::detail::random_vector(stream, start.data(), P);
+    } else if (std::all_of(vector, vector + P, [](T x) { return std::isfinite(double(x)); })) {
+      std::copy(vector, vector + P, start.begin());
+    } else {
+      std::fill(start.begin(), start.end(), T(1));
+    }
+    // A lone member keeps the whole operator (row blocks, split GEMMs); in an ensemble each member runs alone.
+    auto matvec = [&](const T* V, T* out) {
+      if (E == 1)
+        op.apply(V, out);
+      else
+        op.apply_rows(e, 0, n, V, out, parallel);
+    };
+    T top;
+    uint8_t converged;
+    eigensolve(tracking.use_lanczos, matvec, 1, P, tracking.options, static_cast<const T*>(start.data()), &top,
+               vector, tracking.matvecs + row * E + e, &converged);
+    tracking.sharpness[row * E + e] = top;
+  };
+
   for (int64_t step = 0; step < schedule.steps; ++step) {
     const int64_t r0 = (step % blocks) * batch, rows = std::min(batch, n - r0);
     if (tracking.every > 0 && step % tracking.every == 0) {
-      // The operator caches the full-batch forward pass; with full-batch training the step's gradient comes
-      // from the same caches, so tracking costs only the HVPs.
-      if (!tracked_operator)
-        tracked_operator = std::make_unique<HessianOperator<T>>(net, targets);
-      else
-        tracked_operator->refresh();
-      const HessianOperator<T>& op = *tracked_operator;
-      // Members whose loss is no longer finite (diverged) get NaN; the solver sees only the others, as a batch of L.
-      std::vector<int64_t> live;
-      for (int64_t e = 0; e < E; ++e)
-        if (std::isfinite(double(op.loss(e)))) live.push_back(e);
-      const int64_t L = static_cast<int64_t>(live.size()), row = step / tracking.every;
-      std::vector<T> V_all(L < E ? E * P : 0, T(0)), out_all(V_all.size());  // diverged rows stay zero: skipped
-      auto matvec = [&](const T* V, T* out) {
-        if (L == E) return op.apply(V, out);
-        for (int64_t i = 0; i < L; ++i) std::copy(V + i * P, V + (i + 1) * P, V_all.begin() + live[i] * P);
-        op.apply(V_all.data(), out_all.data());
-        for (int64_t i = 0; i < L; ++i)
-          std::copy(out_all.begin() + live[i] * P, out_all.begin() + (live[i] + 1) * P, out + i * P);
-      };
-      // Warm start (after the first tracked step): each live member's previous top eigenvector, or ones where that
-      // is not finite.
-      std::vector<T> start(L * P), vectors(L * P), top(L);
-      std::vector<int64_t> matvecs(L);
-      for (int64_t i = 0; i < L; ++i) {
-        const auto previous = eigenvector.begin() + live[i] * P;
-        const bool usable = warm && std::all_of(previous, previous + P, [](T x) { return std::isfinite(double(x)); });
-        if (usable)
-          std::copy(previous, previous + P, start.begin() + i * P);
-        else
-          std::fill(start.begin() + i * P, start.begin() + (i + 1) * P, T(1));
-      }
-      if (L > 0)
-        eigensolve(tracking.use_lanczos, matvec, L, P, tracking.options, warm ? start.data() : nullptr, top.data(),
-                   vectors.data(), matvecs.data(), converged.data());
-      for (int64_t e = 0; e < E; ++e) {
-        tracking.sharpness[row * E + e] = std::numeric_limits<T>::quiet_NaN();
-        tracking.matvecs[row * E + e] = 0;
-      }
-      for (int64_t i = 0; i < L; ++i) {
-        tracking.sharpness[row * E + live[i]] = top[i];
-        tracking.matvecs[row * E + live[i]] = matvecs[i];
-        std::copy(vectors.begin() + i * P, vectors.begin() + (i + 1) * P, eigenvector.begin() + live[i] * P);
-      }
+      const bool fresh = !tracked_operator;
+      if (fresh) tracked_operator = std::make_unique<HessianOperator<T>>(net, targets);
+      HessianOperator<T>& op = *tracked_operator;
+      const int64_t row = step / tracking.every;
+      // Each member's whole step (caches, eigensolve, gradient, update) in one parallel region: members are
+      // independent, so a tracked step forks and joins once, like an untracked one. An exception must not leave
+      // the region; the first, in member order, is rethrown after it.
+      std::vector<std::exception_ptr> errors(E);
+      over_members(E, work_of(net), [&](int64_t e, bool parallel) {
+        try {
+          if (!fresh) op.refresh_member(e, parallel);
+          track_member(row, e, parallel, op);
+          step_member(step, e, parallel, r0, rows, &op);
+        } catch (...) {
+          errors[e] = std::current_exception();
+        }
+      });
+      for (auto& error : errors)
+        if (error) std::rethrow_exception(error);
       warm = true;
-      if (rows == n) {
-        over_members(E, work_of(net), [&](int64_t e, bool parallel) {
-          losses[step * E + e] = op.loss(e);
-          op.member_gradient(e, parallel, dW.data() + e * m * d, b ? db.data() + e * m : nullptr,
-                             da.data() + e * k * m);
-          update(e);
-        });
-        continue;
-      }
+      continue;
     }
-    over_members(E, work_of(net), [&](int64_t e, bool parallel) {
-      const Net<T> view = row_view(net, e, r0, rows);  // the member's mini-batch
-      const T* Y = targets.Y_of(e, n, k) + r0 * k;
-      T *gW = dW.data() + e * m * d, *gb = b ? db.data() + e * m : nullptr, *ga = da.data() + e * k * m;
-      losses[step * E + e] = use_row_blocks(E, view)
-                                  ? blocked_loss_and_grad(view, Y, targets.loss, gW, gb, ga)
-                                  : member_loss_and_grad(view, Y, targets.loss, 0, gW, gb, ga, parallel, rows);
-      update(e);
-    });
+    over_members(E, work_of(net), [&](int64_t e, bool parallel) { step_member(step, e, parallel, r0, rows, nullptr); });
   }
 }
 

@@ -71,6 +71,8 @@ class HessianOperator {
   // Recomputes the caches at the current values of the parameters the net points to (same shapes, same buffers:
   // the training loop refreshes one operator instead of allocating a new one at every tracked step).
   void refresh();
+  // The same for member e alone (its caches and loss only, so members may refresh on different threads).
+  void refresh_member(int64_t e, bool inner_parallel);
   // A member whose row of V is zero costs nothing (its product is zero).
   void apply(const T* V, T* out) const;
   // The contribution of rows row_begin .. row_end of member e's batch to its product (the whole product for 0 .. n).
