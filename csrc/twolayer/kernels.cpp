@@ -362,10 +362,61 @@ struct RRows {
   T *RZ, *RS, *RF, *RG, *RdZ;      // RZ holds input_scale X vW^T on entry
 };
 
+// r_rows for one output (regression, binary logistic): R{S} and both output dot products in one pass over the row,
+// the backward in a second, where k dot products and a combination over k would take four passes and two folds.
+// At small widths the per-row work, not the arithmetic, is what an HVP's row pass costs.
+template <class T>
+__attribute__((always_inline)) inline void r_rows_single_output(const RRows<T>& p, int64_t r0, int64_t rows) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t lanes = Vec<T>::lanes;
+  const int64_t m = p.m;
+  const T os = p.os, *vb = p.vb, *a = p.a, *va = p.va;
+  for (int64_t r = r0; r < r0 + rows; ++r) {
+    T *RZ = p.RZ + r * m, *RS = p.RS + r * m, *RdZ = p.RdZ + r * m;
+    const T *S = p.S + r * m, *D1 = p.D1 + r * m, *dS_D2 = p.dS_D2 + r * m;
+    // R{Z} += vb and R{S} = sigma' R{Z} at column q (a V of columns, or one T), returning its share of a R{S} + va S.
+    // Inlined by force: a lambda is not cloned with its caller, and a call from the AVX clone into a baseline-ISA
+    // lambda would pass the vector under another ABI.
+    auto forward = [&](int64_t q, auto lanes_of) __attribute__((always_inline)) {
+      using U = decltype(lanes_of);
+      U z = load<U>(RZ + q);
+      if (vb) z += load<U>(vb + q);
+      const U s = load<U>(D1 + q) * z;
+      store(RZ + q, z);
+      store(RS + q, s);
+      return s * load<U>(a + q) + load<U>(S + q) * load<U>(va + q);
+    };
+    V even = {}, odd = {};  // alternate vectors, so consecutive additions do not wait on each other
+    int64_t q = 0;
+    for (; q + 2 * lanes <= m; q += 2 * lanes) {
+      even += forward(q, V{});
+      odd += forward(q + lanes, V{});
+    }
+    if (q + lanes <= m) {
+      even += forward(q, V{});
+      q += lanes;
+    }
+    T tail = T(0);
+    for (; q < m; ++q) tail += forward(q, T{});
+    p.RF[r] = os * (fold(even + odd) + tail);
+    loss_row_hessian(p.loss, p.F + r, p.Y + r, 1, p.scale, p.RF + r, p.RG + r);
+    const T RG = p.RG[r], G = p.G[r];
+    auto backward = [&](int64_t c, auto lanes_of) __attribute__((always_inline)) {
+      using U = decltype(lanes_of);
+      const U RdS = RG * load<U>(a + c) + G * load<U>(va + c);
+      store(RdZ + c, os * RdS * load<U>(D1 + c) + load<U>(dS_D2 + c) * load<U>(RZ + c));
+    };
+    q = 0;
+    for (; q + lanes <= m; q += lanes) backward(q, V{});
+    for (; q < m; ++q) backward(q, T{});
+  }
+}
+
 // One pass over the rows of an HVP: R{Z} += vb; R{S} = sigma' R{Z}; R{F} = os (a R{S} + va S) (k dot products);
 // R{G} = H_f R{F}; R{dZ} = os (R{G} a + G va) sigma' + dS sigma'' R{Z}.
 template <class T>
 __attribute__((always_inline)) inline void r_rows_impl(const RRows<T>& p, int64_t r0, int64_t rows) {
+  if (p.k == 1) return r_rows_single_output(p, r0, rows);
   // Fields copied to locals: stores through the row pointers could otherwise alias them, forcing reloads.
   const int64_t m = p.m, k = p.k;
   const T os = p.os, *vb = p.vb, *a = p.a, *va = p.va;
