@@ -77,3 +77,56 @@ def test_cli_reports_bad_values_as_usage_errors(argv, match, capsys):
     assert status == 2
     error = capsys.readouterr().err
     assert match in error and "Traceback" not in error
+
+
+def _runs_beside_python(call, native_name):
+    """Whether the main thread ran Python while ``call`` was inside the native function ``native_name`` on another
+    thread. A profile hook on that thread reads the main thread's loop counter as the function is entered and as it
+    returns: a binding that holds the GIL throughout leaves the counter where it was. The switch interval is made
+    longer than the calls, so that the interpreter's forced switches cannot hand the main thread the GIL around the
+    call (between the return and the hook); a binding that releases it hands it over at once."""
+    import sys
+    import threading
+
+    call()  # a first call pays one-off costs (thread pools, scratch memory) that could outlast the switch interval
+    counter, seen, finished = [0], {}, threading.Event()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.25)
+
+    def profile(frame, event, arg):
+        if event in ("c_call", "c_return") and getattr(arg, "__name__", None) == native_name:
+            seen[event] = counter[0]
+
+    def worker():
+        sys.setprofile(profile)
+        try:
+            call()
+        finally:
+            sys.setprofile(None)
+            finished.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        while not finished.is_set():
+            counter[0] += 1
+        thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert set(seen) == {"c_call", "c_return"}, f"{native_name} was not called"
+    return seen["c_return"] > seen["c_call"]
+
+
+def test_long_native_calls_release_the_gil():
+    from physai.lego import LegoTask
+    from physai.twolayer import TwoLayer
+
+    # calls of a few tens of milliseconds: long enough for the main thread to be scheduled beside them, well short of
+    # the switch interval
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((512, 16)), rng.standard_normal((512, 1))
+    net = TwoLayer(16, 64, 1, "tanh", ensemble=4, dtype=np.float64)
+    task = LegoTask(12)
+    assert _runs_beside_python(lambda: task.sample(100_000), "generate")
+    assert _runs_beside_python(lambda: net.train(X, Y, 0.01, 100), "train_f64")
+    assert _runs_beside_python(lambda: net.sharpness(X, Y, k=4, tol=1e-10), "hessian_eigs_f64")
