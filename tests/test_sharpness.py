@@ -129,6 +129,7 @@ def test_a_diverging_member_does_not_stop_the_sweep():
     alone = TwoLayer.from_arrays(net.W[:1].copy(), net.b[:1].copy(), net.a[:1].copy(), "tanh")
     result = net.train(X, Y, np.array([0.1, 1e4]), 50, track_sharpness_every=5)
     assert not np.isfinite(result.losses[-1, 1])
+    np.testing.assert_array_equal(result.diverged, [False, True])
     # sharpness is NaN exactly from the first tracked step whose loss is no longer finite
     diverged = ~np.isfinite(result.losses[result.sharpness_steps, 1])
     assert diverged.any() and not diverged.all()

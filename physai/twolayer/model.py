@@ -21,6 +21,12 @@ class Trajectory:
     sharpness_steps: np.ndarray
     matvecs: np.ndarray
 
+    @property
+    def diverged(self) -> np.ndarray:
+        """[E] bool: members whose loss stopped being finite during the run (their parameters are not finite
+        either; in a learning-rate sweep, the rates beyond the edge)."""
+        return ~np.isfinite(self.losses).all(axis=0)
+
 
 class HessianOperator:
     """Each member's loss Hessian at fixed parameters: ``shape`` (E, P, P), ``dtype``, ``matvec(V [E, P])``.
@@ -260,8 +266,9 @@ class TwoLayer:
         member's full-batch loss Hessian, warm-started from the previous top eigenvector (a few HVPs per step), to
         relative residual ``sharpness_tol``.
 
-        Returns a ``Trajectory``: losses [steps, E] (each step's loss before its update), and when tracking
-        sharpness [T, E], sharpness_steps [T], matvecs [T, E].
+        Returns a ``Trajectory``: losses [steps, E] (each step's loss before its update; the loss after the last
+        update is ``loss_and_grad(X, Y)[0]``), ``diverged`` [E], and when tracking sharpness [T, E],
+        sharpness_steps [T], matvecs [T, E].
         """
         X, Y, code = self._check_XY(X, Y, loss)
         steps = check_int(steps, "steps", min=0)
