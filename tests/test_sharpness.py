@@ -263,3 +263,10 @@ def test_torch_tools_dispatch_to_the_fused_hvp_for_the_two_layer_module():
     frozen.b.requires_grad_(False)
     with pytest.raises(ValueError, match="frozen"):
         hessian_eigs(frozen, "mse", (X, Y))
+
+
+def test_sharpness_of_a_member_with_a_non_finite_loss_is_refused_by_member():
+    net, X, Y = problem(E=3)
+    net.W[1, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="the loss of member 1 is not finite"):
+        net.sharpness(X, Y)

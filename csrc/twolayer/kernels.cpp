@@ -828,6 +828,9 @@ template <class T>
 void hessian_eigs(const Net<T>& net, const Targets<T>& targets, const spectrum::Options& options, bool use_lanczos,
                   const T* v0, T* values, T* vectors, int64_t* matvecs, uint8_t* converged) {
   const HessianOperator<T> op(net, targets);
+  for (int64_t e = 0; e < net.E; ++e)
+    PHYSAI_REQUIRE(std::isfinite(double(op.loss(e))), "the loss of member ", e,
+                   " is not finite (non-finite data or parameters), so its Hessian is undefined");
   eigensolve(use_lanczos, [&op](const T* V, T* out) { op.apply(V, out); }, net.E, net.params(), options, v0, values,
              vectors, matvecs, converged);
 }
