@@ -82,37 +82,44 @@ def test_cli_reports_bad_values_as_usage_errors(argv, match, capsys):
 def _runs_beside_python(call, native_name):
     """Whether the main thread ran Python while ``call`` was inside the native function ``native_name`` on another
     thread. A profile hook on that thread reads the main thread's loop counter as the function is entered and as it
-    returns: a binding that holds the GIL throughout leaves the counter where it was. The switch interval is made
-    longer than the calls, so that the interpreter's forced switches cannot hand the main thread the GIL around the
-    call (between the return and the hook); a binding that releases it hands it over at once."""
+    returns: a binding that holds the GIL throughout leaves the counter where it was. The main loop yields the GIL
+    by sleeping, and the switch interval is made far longer than any call, so that the interpreter never forces a
+    switch around the call (between the return and the hook); a binding that releases the GIL lets the main thread
+    count at once."""
     import sys
     import threading
+    import time
 
-    call()  # a first call pays one-off costs (thread pools, scratch memory) that could outlast the switch interval
-    counter, seen, finished = [0], {}, threading.Event()
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.25)
+    counter, seen, failure, finished = [0], {}, [], threading.Event()
 
     def profile(frame, event, arg):
         if event in ("c_call", "c_return") and getattr(arg, "__name__", None) == native_name:
             seen[event] = counter[0]
 
     def worker():
-        sys.setprofile(profile)
         try:
+            call()  # on this thread first: its one-off costs (thread pool, scratch memory) are per calling thread
+            sys.setprofile(profile)
             call()
+        except BaseException as error:
+            failure.append(error)
         finally:
             sys.setprofile(None)
             finished.set()
 
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)
     thread = threading.Thread(target=worker)
     thread.start()
     try:
         while not finished.is_set():
             counter[0] += 1
+            time.sleep(1e-4)
         thread.join()
     finally:
         sys.setswitchinterval(interval)
+    if failure:
+        raise failure[0]
     assert set(seen) == {"c_call", "c_return"}, f"{native_name} was not called"
     return seen["c_return"] > seen["c_call"]
 
@@ -121,8 +128,7 @@ def test_long_native_calls_release_the_gil():
     from physai.lego import LegoTask
     from physai.twolayer import TwoLayer
 
-    # calls of a few tens of milliseconds: long enough for the main thread to be scheduled beside them, well short of
-    # the switch interval
+    # calls of a few tens of milliseconds: long enough for the main thread to wake beside them
     rng = np.random.default_rng(0)
     X, Y = rng.standard_normal((512, 16)), rng.standard_normal((512, 1))
     net = TwoLayer(16, 64, 1, "tanh", ensemble=4, dtype=np.float64)

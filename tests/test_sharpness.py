@@ -270,3 +270,15 @@ def test_sharpness_of_a_member_with_a_non_finite_loss_is_refused_by_member():
     net.W[1, 0, 0] = np.nan
     with pytest.raises(ValueError, match="the loss of member 1 is not finite"):
         net.sharpness(X, Y)
+
+
+def test_a_member_whose_loss_becomes_finite_again_is_tracked_from_a_random_start():
+    # float32 targets of 5e19: the squared error overflows to inf at first, and the first steps bring it back.
+    rng = np.random.default_rng(0)
+    net = TwoLayer(3, 4, 1, "tanh", dtype=np.float32)
+    X, Y = rng.standard_normal((8, 3)).astype(np.float32), np.full((8, 1), 5e19, np.float32)
+    result = net.train(X, Y, 0.1, 7, track_sharpness_every=3)
+    tracked = result.losses[result.sharpness_steps, 0]
+    assert not np.isfinite(tracked[0]) and np.isfinite(tracked[1:]).all()
+    assert np.isnan(result.sharpness[0, 0]) and np.isfinite(result.sharpness[1:, 0]).all()
+    assert result.diverged[0] and result.matvecs[0, 0] == 0 and (result.matvecs[1:, 0] > 0).all()

@@ -398,3 +398,8 @@ def test_malformed_operators_are_refused_by_name():
 def test_dense_operator_refuses_non_symmetric_matrices():
     with pytest.raises(ValueError, match="A: expected symmetric"):
         DenseOperator(np.arange(9.0).reshape(3, 3))
+    with pytest.raises(ValueError, match="A: expected finite"):
+        DenseOperator(np.full((2, 2), np.nan))
+    nearly = np.eye(3)
+    nearly[0, 1] = 1e-30  # asymmetric by far less than the matrix's scale: rounding, accepted
+    DenseOperator(nearly)

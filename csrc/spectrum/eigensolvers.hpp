@@ -82,13 +82,14 @@ void random_vector(CounterStream& stream, T* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) v[i] = static_cast<T>(2.0 * stream.uniform_double() - 1.0);
 }
 
-// Member b's unit starting vector: its row of the warm start v0, or random from stream (seed, b, kDomainStart).
+// The unit starting vector of batch row b, which is member `member`: row b of the warm start v0, or random from
+// stream (seed, member, kDomainStart).
 template <class T>
-void start_vector(const Options& opt, const T* v0, int64_t b, int64_t n, T* x, const char* solver) {
+void start_vector(const Options& opt, const T* v0, int64_t b, int64_t member, int64_t n, T* x, const char* solver) {
   if (v0) {
     std::copy(v0 + b * n, v0 + (b + 1) * n, x);
   } else {
-    CounterStream stream(opt.seed, static_cast<uint64_t>(b), kDomainStart);
+    CounterStream stream(opt.seed, static_cast<uint64_t>(member), kDomainStart);
     random_vector(stream, x, n);
   }
   // Scaled by its largest entry first, so that the squares in the norm neither overflow nor underflow.
@@ -98,7 +99,7 @@ void start_vector(const Options& opt, const T* v0, int64_t b, int64_t n, T* x, c
     finite &= std::isfinite(static_cast<double>(x[t]));
     largest = std::max(largest, std::abs(static_cast<double>(x[t])));
   }
-  PHYSAI_REQUIRE(largest > 0 && finite, solver, ": v0 of member ", b, " is zero or not finite");
+  PHYSAI_REQUIRE(largest > 0 && finite, solver, ": v0 of member ", member, " is zero or not finite");
   for (int64_t t = 0; t < n; ++t) x[t] = static_cast<T>(x[t] / largest);
   const double nx = norm(x, n);
   for (int64_t t = 0; t < n; ++t) x[t] = static_cast<T>(x[t] / nx);
@@ -215,9 +216,11 @@ struct LanczosMember {
 //   matvec: void(const T* V, T* out), both [batch, n] row-major.
 //   v0: optional warm start [batch, n] (nullptr: random from opt.seed).
 //   values [batch], vectors [batch, n], matvecs [batch], converged [batch] are written.
+//   first_member: batch row b is member first_member + b of a larger batch (its random streams and the members
+//   errors name), so solving members one at a time gives the bits of one batched call.
 template <class T, class MatVec>
 void power_iteration(MatVec&& matvec, int64_t batch, int64_t n, const Options& opt, const T* v0, T* values,
-                     T* vectors, int64_t* matvecs, uint8_t* converged) {
+                     T* vectors, int64_t* matvecs, uint8_t* converged, int64_t first_member = 0) {
   PHYSAI_REQUIRE(batch >= 1 && n >= 1, "power_iteration: batch and n must be >= 1");
   PHYSAI_REQUIRE(opt.tol > 0, "power_iteration: tol must be > 0, got ", opt.tol);
   PHYSAI_REQUIRE(opt.max_matvecs >= 1, "power_iteration: max_matvecs must be >= 1");
@@ -225,7 +228,7 @@ void power_iteration(MatVec&& matvec, int64_t batch, int64_t n, const Options& o
   std::vector<uint8_t> done(batch, 0);
   detail::guarded_parallel_for(batch, n, [&](int64_t b) {
     T* x = X.data() + b * n;
-    detail::start_vector(opt, v0, b, n, x, "power_iteration");
+    detail::start_vector(opt, v0, b, first_member + b, n, x, "power_iteration");
     matvecs[b] = 0;
     converged[b] = 0;
   });
@@ -244,7 +247,8 @@ void power_iteration(MatVec&& matvec, int64_t batch, int64_t n, const Options& o
         res2 += r * r;
         ny2 += static_cast<double>(y[t]) * y[t];
       }
-      PHYSAI_REQUIRE(std::isfinite(ny2), "power_iteration: the operator returned non-finite values");
+      PHYSAI_REQUIRE(std::isfinite(ny2), "power_iteration: the operator returned non-finite values for member ",
+                     first_member + b);
       const bool ok = std::sqrt(res2) <= opt.tol * std::abs(theta) || ny2 == 0.0;
       if (ok || matvecs[b] >= opt.max_matvecs) {
         values[b] = static_cast<T>(theta);
@@ -266,9 +270,10 @@ void power_iteration(MatVec&& matvec, int64_t batch, int64_t n, const Options& o
 //   matvec: void(const T* V, T* out), both [batch, n] row-major.
 //   v0: optional warm start [batch, n] (e.g. the previous top eigenvector), nullptr: random from opt.seed.
 //   values [batch, k] (most wanted first), vectors [batch, k, n], matvecs [batch], converged [batch].
+//   first_member: as in power_iteration.
 template <class T, class MatVec>
 void lanczos(MatVec&& matvec, int64_t batch, int64_t n, const Options& opt, const T* v0, T* values, T* vectors,
-             int64_t* matvecs, uint8_t* converged) {
+             int64_t* matvecs, uint8_t* converged, int64_t first_member = 0) {
   PHYSAI_REQUIRE(batch >= 1 && n >= 1, "lanczos: batch and n must be >= 1");
   PHYSAI_REQUIRE(opt.k >= 1 && opt.k <= n, "lanczos: k must be in [1, n=", n, "], got ", opt.k);
   PHYSAI_REQUIRE(opt.tol > 0, "lanczos: tol must be > 0, got ", opt.tol);
@@ -287,9 +292,9 @@ void lanczos(MatVec&& matvec, int64_t batch, int64_t n, const Options& opt, cons
     s.m = m;
     s.basis.reset(new T[static_cast<size_t>(m + 1) * n]);
     s.H.assign(static_cast<size_t>(m) * m, 0.0);
-    s.breakdown = CounterStream(opt.seed, static_cast<uint64_t>(b), kDomainBreakdown);
+    s.breakdown = CounterStream(opt.seed, static_cast<uint64_t>(first_member + b), kDomainBreakdown);
     T* x = s.v(0);
-    detail::start_vector(opt, v0, b, n, x, "lanczos");
+    detail::start_vector(opt, v0, b, first_member + b, n, x, "lanczos");
     matvecs[b] = 0;
     converged[b] = 0;
   });
@@ -328,7 +333,8 @@ void lanczos(MatVec&& matvec, int64_t batch, int64_t n, const Options& opt, cons
       s.orthogonalize(w, j + 1, coef.data());
       for (int i = 0; i <= j; ++i) s.H[i + static_cast<size_t>(j) * m] = s.H[j + static_cast<size_t>(i) * m] = coef[i];
       double beta = detail::norm(w, n);
-      PHYSAI_REQUIRE(std::isfinite(beta), "lanczos: the operator returned non-finite values");
+      PHYSAI_REQUIRE(std::isfinite(beta), "lanczos: the operator returned non-finite values for member ",
+                     first_member + b);
       const int rows = j + 1;
       detail::small_eigh(s.H, m, rows, s.theta, s.S);
       const auto order = detail::wanted_order(s.theta, rows, opt.which);

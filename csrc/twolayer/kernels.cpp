@@ -778,9 +778,8 @@ template <class T>
 void HessianOperator<T>::apply(const T* V, T* out) const {
   const int64_t P = net_.params();
   const int64_t n = net_.n;
-  // Members whose row of V is zero (an eigensolver feeds those once a member has converged, the training loop for
-  // diverged members, whose non-finite caches would turn the product into NaN) get a zero product at no cost; the
-  // others share the threads.
+  // Members whose row of V is zero (an eigensolver feeds those once a member has converged) get a zero product at
+  // no cost, even where their caches are not finite; the others share the threads.
   std::vector<int64_t> busy;
   for (int64_t e = 0; e < net_.E; ++e) {
     if (std::all_of(V + e * P, V + (e + 1) * P, [](T x) { return x == T(0); }))
@@ -817,11 +816,11 @@ void HessianOperator<T>::member_gradient(int64_t e, bool parallel, T* dW, T* db,
 // Lanczos (k pairs) or power iteration (the dominant pair) from csrc/spectrum on a batched matvec.
 template <class T, class MatVec>
 void eigensolve(bool use_lanczos, MatVec&& matvec, int64_t E, int64_t P, const spectrum::Options& options, const T* v0,
-                T* values, T* vectors, int64_t* matvecs, uint8_t* converged) {
+                T* values, T* vectors, int64_t* matvecs, uint8_t* converged, int64_t first_member = 0) {
   if (use_lanczos)
-    spectrum::lanczos<T>(matvec, E, P, options, v0, values, vectors, matvecs, converged);
+    spectrum::lanczos<T>(matvec, E, P, options, v0, values, vectors, matvecs, converged, first_member);
   else
-    spectrum::power_iteration<T>(matvec, E, P, options, v0, values, vectors, matvecs, converged);
+    spectrum::power_iteration<T>(matvec, E, P, options, v0, values, vectors, matvecs, converged, first_member);
 }
 
 template <class T>
@@ -848,8 +847,8 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
   const int64_t blocks = batch > 0 ? (n + batch - 1) / batch : 1;
   std::vector<T> dW(E * m * d), db(b ? E * m : 0), da(E * k * m);
   std::vector<T> eigenvector(tracking.every > 0 ? E * P : 0);
+  std::vector<uint8_t> has_vector(E, 0);  // a member diverged at first has none until it recovers
   std::unique_ptr<HessianOperator<T>> tracked_operator;
-  bool warm = false;
 
   auto update = [&](int64_t e) {
     const T lr = schedule.lr[e];
@@ -880,21 +879,21 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
   };
 
   // Member e's top Hessian eigenpair, warm-started from its previous one (ones where that is not finite; the
-  // solver's own random start on the first tracked step). A member whose loss is no longer finite (diverged) gets
+  // solver's random start for member e until it has one). A member whose loss is no longer finite (diverged) gets
   // NaN and costs nothing.
   auto track_member = [&](int64_t row, int64_t e, bool parallel, const HessianOperator<T>& op) {
     tracking.sharpness[row * E + e] = std::numeric_limits<T>::quiet_NaN();
     tracking.matvecs[row * E + e] = 0;
     if (!std::isfinite(double(op.loss(e)))) return;
     T* vector = eigenvector.data() + e * P;
-    std::vector<T> start(P);
-    if (!warm) {
-      CounterStream stream(tracking.options.seed, static_cast<uint64_t>(e), spectrum::kDomainStart);
-      spectrum::detail::random_vector(stream, start.data(), P);
-    } else if (std::all_of(vector, vector + P, [](T x) { return std::isfinite(double(x)); })) {
-      std::copy(vector, vector + P, start.begin());
-    } else {
-      std::fill(start.begin(), start.end(), T(1));
+    std::vector<T> ones;
+    const T* start = nullptr;
+    if (has_vector[e]) {
+      start = vector;  // the solver copies its start before it writes the new vector
+      if (!std::all_of(vector, vector + P, [](T x) { return std::isfinite(double(x)); })) {
+        ones.assign(P, T(1));
+        start = ones.data();
+      }
     }
     // A lone member keeps the whole operator (row blocks, split GEMMs); in an ensemble each member runs alone.
     auto matvec = [&](const T* V, T* out) {
@@ -905,9 +904,10 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
     };
     T top;
     uint8_t converged;
-    eigensolve(tracking.use_lanczos, matvec, 1, P, tracking.options, static_cast<const T*>(start.data()), &top,
-               vector, tracking.matvecs + row * E + e, &converged);
+    eigensolve(tracking.use_lanczos, matvec, 1, P, tracking.options, start, &top, vector,
+               tracking.matvecs + row * E + e, &converged, e);
     tracking.sharpness[row * E + e] = top;
+    has_vector[e] = 1;
   };
 
   for (int64_t step = 0; step < schedule.steps; ++step) {
@@ -932,7 +932,6 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
       });
       for (auto& error : errors)
         if (error) std::rethrow_exception(error);
-      warm = true;
       continue;
     }
     over_members(E, work_of(net), [&](int64_t e, bool parallel) { step_member(step, e, parallel, r0, rows, nullptr); });

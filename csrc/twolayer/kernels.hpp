@@ -68,10 +68,10 @@ template <class T>
 class HessianOperator {
  public:
   HessianOperator(const Net<T>& net, const Targets<T>& targets);
-  // Recomputes the caches at the current values of the parameters the net points to (same shapes, same buffers:
-  // the training loop refreshes one operator instead of allocating a new one at every tracked step).
+  // Recomputes the caches at the current values of the parameters the net points to (same shapes, same buffers).
   void refresh();
-  // The same for member e alone (its caches and loss only, so members may refresh on different threads).
+  // The same for member e alone (its caches and loss only, so members may refresh on different threads): the
+  // training loop refreshes one operator this way at every tracked step instead of allocating a new one.
   void refresh_member(int64_t e, bool inner_parallel);
   // A member whose row of V is zero costs nothing (its product is zero).
   void apply(const T* V, T* out) const;

@@ -23,8 +23,9 @@ class Trajectory:
 
     @property
     def diverged(self) -> np.ndarray:
-        """[E] bool: members whose loss stopped being finite during the run (their parameters are not finite
-        either; in a learning-rate sweep, the rates beyond the edge)."""
+        """[E] bool: members whose loss was not finite at some step of the run (in a learning-rate sweep, typically
+        the rates beyond the edge of stability). Losses are recorded before each update, so a member that breaks
+        on the very last update shows only in its parameters."""
         return ~np.isfinite(self.losses).all(axis=0)
 
 
