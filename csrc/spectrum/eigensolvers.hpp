@@ -216,8 +216,8 @@ struct LanczosMember {
 //   matvec: void(const T* V, T* out), both [batch, n] row-major.
 //   v0: optional warm start [batch, n] (nullptr: random from opt.seed).
 //   values [batch], vectors [batch, n], matvecs [batch], converged [batch] are written.
-//   first_member: batch row b is member first_member + b of a larger batch (its random streams and the members
-//   errors name), so solving members one at a time gives the bits of one batched call.
+//   first_member: batch row b is member first_member + b of a larger batch, which is the index its random streams
+//   use and its errors name, so solving members one at a time gives the bits of one batched call.
 template <class T, class MatVec>
 void power_iteration(MatVec&& matvec, int64_t batch, int64_t n, const Options& opt, const T* v0, T* values,
                      T* vectors, int64_t* matvecs, uint8_t* converged, int64_t first_member = 0) {
