@@ -11,22 +11,6 @@ import sys
 _COMMAND_MODULES = ("physai.lego.cli", "physai.experiments.eos")
 
 
-def count(text: str) -> int:
-    """argparse type of a non-negative integer option (the message names the option)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def positive(text: str) -> float:
-    """argparse type of a positive finite real option."""
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
-
-
 def _info(args: argparse.Namespace) -> int:
     from physai import native_info
 

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from physai.experiments.eos import EosConfig, run
+from physai.experiments.eos import EosConfig, EosResult, run
 
 SMALL = EosConfig(learning_rates=(0.5, 0.6), steps=3000, track_every=10)
 
@@ -43,7 +43,7 @@ def test_cli_writes_json_and_figure(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "2/lr" in out
     data = json.loads((tmp_path / "eos.json").read_text())
-    assert len(data["losses"]) == 400 and len(data["sharpness_steps"]) == 20
+    assert data["losses"]["shape"] == [400, 1] and data["sharpness_steps"]["shape"] == [20]
     assert (tmp_path / "eos.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -54,3 +54,28 @@ def test_bad_config():
         run(EosConfig(learning_rates=(-0.1,)))
     with pytest.raises(ValueError, match="steps"):
         run(EosConfig(steps=0))
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_save_load_round_trip_bit_for_bit(tmp_path, suffix):
+    result = run(EosConfig(learning_rates=(0.5, 40.0), steps=60, track_every=20, n=50))
+    assert not np.isfinite(result.losses[:, 1]).all()  # a diverged member: NaN and inf must survive the trip
+    path = tmp_path / ("eos" + suffix)
+    result.save(path)
+    if suffix == ".json":
+        json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"non-standard JSON token {token}"))
+    loaded = EosResult.load(path)
+    assert loaded.config == result.config
+    for name in ("losses", "sharpness", "sharpness_steps", "matvecs"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(result, name))
+        assert getattr(loaded, name).dtype == getattr(result, name).dtype
+
+
+def test_result_pickles_and_deep_copies():
+    import copy
+    import pickle
+
+    result = run(EosConfig(learning_rates=(0.5,), steps=30, track_every=10, n=40))
+    for clone in (pickle.loads(pickle.dumps(result)), copy.deepcopy(result)):
+        assert clone.config == result.config
+        np.testing.assert_array_equal(clone.losses, result.losses)

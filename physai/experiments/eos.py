@@ -5,24 +5,29 @@ The experiment trains one two-layer tanh network per learning rate (one ensemble
 native training run) on a synthetic regression task, and tracks the sharpness inside the native loop:
 
     result = physai.experiments.eos.run(EosConfig(learning_rates=(0.35, 0.5)))
-    result.save_json("eos.json"); result.plot("eos.png")
+    result.save("eos.json"); result.plot("eos.png")
+    EosResult.load("eos.json").summary()
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
 from physai._checks import check_float, check_int
+from physai.experiments._base import ExperimentConfig, ExperimentResult
 from physai.twolayer import TwoLayer
 
 
 @dataclass(frozen=True)
-class EosConfig:
+class EosConfig(ExperimentConfig):
     """The task (inputs N(0, I_d), targets from a random tanh teacher of width ``teacher_width`` whose input
     weights are scaled by ``teacher_scale``, standardised) and the student (two-layer tanh, standard
-    parameterization, MSE, full-batch GD)."""
+    parameterization, MSE, full-batch GD). The learning rates are one ensemble: a sweep axis ``lr`` folds into
+    ``learning_rates``."""
+
+    ensemble_axes: ClassVar[dict[str, str]] = {"lr": "learning_rates"}
 
     learning_rates: tuple[float, ...] = (0.35, 0.4, 0.5, 0.6)
     n: int = 500
@@ -61,7 +66,7 @@ def make_task(config: EosConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass
-class EosResult:
+class EosResult(ExperimentResult):
     """Trajectories of one run: losses [steps, L] and sharpness [T, L] (``config.dtype``) at sharpness_steps [T]
     (int64), for the L learning rates of ``config``; matvecs [T, L] (int64) counts the HVPs of each estimate."""
 
@@ -86,15 +91,13 @@ class EosResult:
                          "hvps_per_estimate": float(self.matvecs[:, i].mean())})
         return rows
 
-    def to_dict(self) -> dict:
-        """JSON-ready dict: config, losses, sharpness, sharpness_steps (nested lists) and summary."""
-        return {"config": asdict(self.config), "losses": self.losses.tolist(), "sharpness": self.sharpness.tolist(),
-                "sharpness_steps": self.sharpness_steps.tolist(), "summary": self.summary()}
-
-    def save_json(self, path) -> None:
-        """Write :meth:`to_dict` to ``path``."""
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f)
+    def trajectories(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+        """``loss`` (step, member), ``sharpness`` and ``matvecs`` (tracked_step, member) and ``sharpness_step``
+        (tracked_step,): the step index of each sharpness estimate."""
+        return {"loss": (("step", "member"), self.losses),
+                "sharpness": (("tracked_step", "member"), self.sharpness),
+                "matvecs": (("tracked_step", "member"), self.matvecs),
+                "sharpness_step": (("tracked_step",), self.sharpness_steps)}
 
     def plot(self, path) -> None:
         """Loss (log scale) and sharpness against step, with 2/lr dashed, one colour per learning rate.
@@ -119,8 +122,10 @@ class EosResult:
         plt.close(fig)
 
 
-def run(config: EosConfig = EosConfig()) -> EosResult:
-    """Train the ensemble (one member per learning rate, same initialisation) with sharpness tracked natively."""
+def run(config: EosConfig = EosConfig(), progress: bool = False) -> EosResult:
+    """Train the ensemble (one member per learning rate, same initialisation) with sharpness tracked natively.
+    ``progress`` is accepted for the experiments' common signature; the run is one native call (under a second
+    at the default size), so there is nothing to show."""
     config = config.validated()
     X, Y = make_task(config)
     L = len(config.learning_rates)
@@ -133,7 +138,7 @@ def run(config: EosConfig = EosConfig()) -> EosResult:
 
 def add_parser(commands) -> None:
     """Register the ``physai eos`` command on the CLI's subparsers."""
-    from physai.cli import count, positive
+    from physai._argtypes import count, positive
 
     parser = commands.add_parser("eos", help="edge-of-stability experiment",
                                  description="Full-batch GD on a two-layer tanh net: sharpness rises to 2/lr.")
@@ -162,7 +167,7 @@ def _main(args) -> int:
     for row in result.summary():
         print(f"{row['lr']:>6g} {row['two_over_lr']:>7.3f} {row['sharpness_start']:>8.3f} {row['sharpness_max']:>7.3f} "
               f"{row['sharpness_last_quarter']:>9.3f} {row['loss_start']:>8.4f} {row['loss_end']:>9.5f}")
-    result.save_json(args.json)
+    result.save(args.json)
     print(f"trajectories: {args.json}")
     if args.plot:
         try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from physai.cli import count
+from physai._argtypes import count
 
 
 def add_parser(commands) -> None:
