@@ -41,7 +41,7 @@ def test_cuda_grad_physai(benchmark, torch, net):
     import physai.cuda as pc
 
     W, a, X, Y = net
-    benchmark(_synced(torch, lambda: pc.loss_and_grad(W, None, a, X, Y, activation="tanh", loss="mse")))
+    benchmark(_synced(torch, lambda: pc.loss_and_grad(X, Y, W, None, a, activation="tanh", loss="mse")))
 
 
 def test_cuda_grad_torch_func(benchmark, torch, net):
@@ -55,7 +55,7 @@ def test_cuda_hvp_physai(benchmark, torch, net):
 
     W, a, X, Y = net
     vW, va = torch.randn_like(W), torch.randn_like(a)
-    benchmark(_synced(torch, lambda: pc.hvp(W, None, a, X, Y, vW, None, va, activation="tanh", loss="mse")))
+    benchmark(_synced(torch, lambda: pc.hvp(X, Y, W, None, a, vW, None, va, activation="tanh", loss="mse")))
 
 
 def test_cuda_hvp_torch_func(benchmark, torch, net):

@@ -8,18 +8,52 @@ below 1 expresses a bound ("within 4x of memset" is goal 0.25).
     python benchmarks/report.py                 # everything
     python benchmarks/report.py -k lego         # a subset (pytest -k expression)
     python benchmarks/report.py --json out.json # also write the table and raw medians
+
+Compute-bound benchmarks declare their FLOP count in ``benchmark.extra_info["flops"]`` (and optionally a goal as a
+fraction of the machine's sgemm rate in ``extra_info["sgemm_goal"]``). report.py measures that rate in the same run
+(numpy float32 matmul of a square SGEMM_SIZE product, before and after the benchmarks; the median of those timings)
+and prints each such benchmark's FLOP count, GFLOP/s and fraction of the rate. Modules may also declare ``MEMORY``,
+``(label, baseline_test, subject_test, goal)`` over ``extra_info["peak_mib"]`` (peak resident memory of one call),
+judged as baseline / subject like a ratio.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = pathlib.Path(__file__).resolve().parent
+SGEMM_SIZE = 2048
+# extra_info keys that feed the compute and memory tables rather than the free-form list
+TABLE_KEYS = ("flops", "sgemm_goal", "peak_mib")
+
+
+def sgemm_times(size: int = SGEMM_SIZE, repeats: int = 7) -> list[float]:
+    """Seconds per numpy float32 matmul of two size x size matrices (numpy's BLAS, its default threads)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((size, size), dtype=np.float32)
+    B = rng.standard_normal((size, size), dtype=np.float32)
+    A @ B  # warm up: threads started, pages touched
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        A @ B
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values):
+    values = sorted(values)
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else 0.5 * (values[middle - 1] + values[middle])
 
 
 def load_ratios(modules):
@@ -30,9 +64,10 @@ def load_ratios(modules):
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        for label, baseline, subject, goal in getattr(module, "RATIOS", []):
-            ratios.append({"module": path.stem, "label": label, "baseline": baseline, "subject": subject,
-                           "goal": goal})
+        for kind in ("RATIOS", "MEMORY"):
+            for label, baseline, subject, goal in getattr(module, kind, []):
+                ratios.append({"module": path.stem, "kind": kind, "label": label, "baseline": baseline,
+                               "subject": subject, "goal": goal})
     return ratios
 
 
@@ -58,25 +93,69 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=pathlib.Path, help="write results here")
     args, extra = parser.parse_known_args(argv)
 
+    load_before = os.getloadavg()
+    gemm = sgemm_times()
     medians, extras = run_benchmarks(args.selection, extra)
-    rows, missing = [], []
+    gemm += sgemm_times()
+    load_after = os.getloadavg()
+    rate = 2 * SGEMM_SIZE**3 / median(gemm)  # FLOP/s
+    rows, memory_rows, missing = [], [], []
     for ratio in load_ratios(None):
-        base, subject = medians.get(ratio["baseline"]), medians.get(ratio["subject"])
+        if ratio["kind"] == "MEMORY":
+            base = extras.get(ratio["baseline"], {}).get("peak_mib")
+            subject = extras.get(ratio["subject"], {}).get("peak_mib")
+        else:
+            base, subject = medians.get(ratio["baseline"]), medians.get(ratio["subject"])
         if base is None or subject is None:
             missing.append(ratio)
             continue
-        value = base / subject
-        rows.append({**ratio, "ratio": value, "ok": value >= ratio["goal"]})
+        value = base / subject if subject else float("inf")
+        row = {**ratio, "ratio": value, "ok": value >= ratio["goal"]}
+        if ratio["kind"] == "MEMORY":
+            row.update(baseline_mib=base, subject_mib=subject)
+            memory_rows.append(row)
+        else:
+            rows.append(row)
+    compute = []
+    for name, info in extras.items():
+        if info.get("flops") and name in medians:
+            gflops = info["flops"] / medians[name] / 1e9
+            goal = info.get("sgemm_goal")
+            fraction = gflops * 1e9 / rate
+            compute.append({"name": name, "flops": info["flops"], "gflops": gflops, "fraction": fraction,
+                            "goal": goal, "ok": None if goal is None else fraction >= goal})
+
+    print(f"\n## Machine (same run)\n\nload average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/"
+          f"{load_before[2]:.2f}, after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} on "
+          f"{os.cpu_count()} cores; numpy sgemm {SGEMM_SIZE}x{SGEMM_SIZE}: {rate / 1e9:.1f} GFLOP/s (median of "
+          f"{len(gemm)}; min..max {2 * SGEMM_SIZE**3 / max(gemm) / 1e9:.0f}..{2 * SGEMM_SIZE**3 / min(gemm) / 1e9:.0f})")
 
     print("\n## Timings (median, ms)\n")
     print("| benchmark | median ms |\n|---|---:|")
     for name, median in medians.items():
         print(f"| {name} | {median * 1e3:.4g} |")
-    if extras:  # what the benchmarks measured besides time (accuracy reached, products spent)
+    other = {name: {key: value for key, value in info.items() if key not in TABLE_KEYS}
+             for name, info in extras.items()}
+    other = {name: info for name, info in other.items() if info}
+    if other:  # what the benchmarks measured besides time (accuracy reached, products spent)
         print("\n## Other measurements\n")
-        for name, info in extras.items():
+        for name, info in other.items():
             print(f"- {name}: " + ", ".join(f"{key} = {value:.3g}" if isinstance(value, float) else f"{key} = {value}"
                                             for key, value in info.items()))
+    if compute:  # FLOPs are the GEMMs' only (elementwise work not counted)
+        print(f"\n## Compute-bound kernels vs the sgemm rate ({rate / 1e9:.1f} GFLOP/s, same run)\n")
+        print("| benchmark | GFLOP | median ms | GFLOP/s | of sgemm | goal | ok |\n|---|---:|---:|---:|---:|---:|:-:|")
+        for row in compute:
+            goal = "" if row["goal"] is None else f">= {row['goal']:.0%}"
+            ok = "" if row["ok"] is None else ("yes" if row["ok"] else "NO")
+            print(f"| {row['name']} | {row['flops'] / 1e9:.4g} | {medians[row['name']] * 1e3:.4g} | "
+                  f"{row['gflops']:.1f} | {row['fraction']:.0%} | {goal} | {ok} |")
+    if memory_rows:
+        print("\n## Peak resident memory of one call (MiB above the resident set before it)\n")
+        print("| what | baseline MiB | subject MiB | baseline / subject | goal | ok |\n|---|---:|---:|---:|---:|:-:|")
+        for row in memory_rows:
+            print(f"| {row['label']} | {row['baseline_mib']:.1f} | {row['subject_mib']:.1f} | {row['ratio']:.3g}x | "
+                  f">= {row['goal']:g}x | {'yes' if row['ok'] else 'NO'} |")
     print("\n## Ratios (time of baseline / time of subject, same run)\n")
     print("| what | ratio | goal | ok |\n|---|---:|---:|:-:|")
     for row in rows:
@@ -89,7 +168,12 @@ def main(argv=None) -> int:
         if missing:
             print(f"\n{len(missing)} ratio(s) not measured: their benchmarks were skipped (see the pytest output above).")
     if args.json:
-        args.json.write_text(json.dumps({"medians": medians, "extra_info": extras, "ratios": rows}, indent=2))
+        # standard JSON: a measurement that is not finite (an accuracy never reached) is written as null
+        results = json.loads(json.dumps({"sgemm_gflops": rate / 1e9, "load_average": [load_before, load_after],
+                                         "medians": medians, "extra_info": extras, "ratios": rows,
+                                         "compute": compute, "memory": memory_rows}),
+                             parse_constant=lambda name: None)
+        args.json.write_text(json.dumps(results, indent=2, allow_nan=False))
     return 0
 
 

@@ -90,6 +90,20 @@ def check_array(x, name: str, *, dtype=None, ndim=None, shape=None, contiguous: 
 
 
 
+def as_array(x, name: str, dtype) -> np.ndarray:
+    """``x`` as a C-contiguous array of ``dtype``, converted as numpy converts it: any array-like of real numbers
+    (bool, integer or float, any byte order, read-only or strided) is cast; a copy is made only where ``x`` is not
+    already such an array (then it is returned as is). Complex, object and other non-real dtypes raise TypeError
+    naming the argument."""
+    try:
+        array = np.asarray(x)
+    except (TypeError, ValueError) as error:  # ragged nested sequences and the like
+        raise TypeError(f"{name}: expected an array of real numbers, got {type(x).__name__}: {error}") from None
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{name}: expected real numbers, got dtype {array.dtype}")
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
 def check_v0(v0, batch: int, n: int, dtype: np.dtype):
     """A warm start for ``batch`` eigensolvers of size ``n``: None, or real values [batch, n] ([n] for batch 1),
     each row finite and nonzero (at any scale); returned C-contiguous in ``dtype``."""

@@ -2,12 +2,30 @@
 
 ``physai._core`` (CPU kernels) is required. ``physai._cuda`` exists only where the build found a CUDA
 compiler; whether a GPU is present is asked at run time, so a machine without one imports physai normally.
+Loading ``_core`` sets libgomp's spin before a waiting thread sleeps (``GOMP_SPINCOUNT``) unless the user chose a
+wait policy, and leaves the environment as it was.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import os
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set environment variables for the enclosed library loads (which read them once), then restore the user's
+    environment, so that child processes see the user's own settings."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def _preload_openblas() -> None:
@@ -22,23 +40,30 @@ def _preload_openblas() -> None:
     for name in os.listdir(lib_dir):
         if name.startswith("libscipy_openblas") and ".so" in name:
             # physai calls this BLAS single-threaded only (its OpenMP loops own the cores), so its thread pool is
-            # not started: idle OpenBLAS workers spin for a while after start-up and steal the cores. The variable
-            # is read once, when the library loads; the user's setting is restored right after.
-            previous = os.environ.get("OPENBLAS_NUM_THREADS")
-            os.environ["OPENBLAS_NUM_THREADS"] = "1"
-            try:
+            # not started: idle OpenBLAS workers spin for a while after start-up and steal the cores.
+            with _environment(OPENBLAS_NUM_THREADS="1"):
                 ctypes.CDLL(os.path.join(lib_dir, name), mode=ctypes.RTLD_GLOBAL)
-            finally:
-                if previous is None:
-                    del os.environ["OPENBLAS_NUM_THREADS"]
-                else:
-                    os.environ["OPENBLAS_NUM_THREADS"] = previous
             return
 
 
-_preload_openblas()
+# How long an idle OpenMP thread spins before it sleeps, in libgomp's pause iterations (tens of microseconds here).
+# libgomp's default, 300000, spins for milliseconds: when another process shares the cores, a thread that waits at
+# a barrier for a descheduled partner burns its whole time slice, and a run with a barrier every step slows down
+# tens of times. A short spin still catches a partner that arrives at once on an idle machine.
+GOMP_SPINCOUNT = 1000
 
-from physai import _core  # noqa: E402
+
+def _load_core():
+    # The wait policy is the user's when they chose one (OMP_WAIT_POLICY or GOMP_SPINCOUNT). libgomp reads it when
+    # it loads, which is here unless another extension loaded it first.
+    chosen = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+    with _environment(**({} if chosen else {"GOMP_SPINCOUNT": str(GOMP_SPINCOUNT)})):
+        from physai import _core
+    return _core
+
+
+_preload_openblas()
+_core = _load_core()
 
 try:
     from physai import _cuda  # type: ignore[attr-defined]
@@ -52,7 +77,8 @@ def cuda_compiled() -> bool:
 
 
 def cuda_available() -> bool:
-    """Whether CUDA kernels are compiled *and* a CUDA device is present now."""
+    """Whether CUDA kernels are compiled *and* a CUDA device is present now (RuntimeError when the CUDA runtime
+    fails for another reason than a missing driver or device: a broken install must not read as "no GPU")."""
     return _cuda is not None and _cuda.device_count() > 0
 
 

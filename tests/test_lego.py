@@ -112,21 +112,24 @@ def test_cayley_table_group_matches_reference():
     check_against_text(task, native)
 
 
-def test_sample_is_independent_of_batch_split_and_threads():
-    # 1000 samples are 8 chunks of 128 that 2 and 3 threads share out differently; explicit counts, because the
-    # default may be a single thread. Three threads on two cores still run as three.
+@pytest.mark.parametrize("threads", [2, 3])
+def test_sample_is_independent_of_batch_split_and_threads(threads):
+    # 8 chunks (the native generator's parallel tasks), the last one short, that 2 and 3 threads share out
+    # differently; explicit counts, because the default may be a single thread. Three threads on two cores still run
+    # as three. The splits cut chunks at odd places.
+    chunk = _core.lego.chunk
+    size = 8 * chunk - chunk // 5
     task = LegoTask(12, "s3", "tree")
     with physai.num_threads(1):
-        whole = task.sample(1000, seed=9)
-    for threads in (2, 3):
-        with physai.num_threads(threads):
-            assert physai.get_num_threads() == threads
-            assert_batches_equal(whole, task.sample(1000, seed=9))
-            splits = [(0, 1), (1, 63), (64, 500), (564, 436)]
-            pieces = [task.sample(size, seed=9, start=start) for start, size in splits]
-            for name in FIELDS:
-                np.testing.assert_array_equal(getattr(whole, name), np.concatenate([getattr(p, name) for p in pieces]))
-    assert not np.array_equal(whole.tokens, task.sample(1000, seed=10).tokens)
+        whole = task.sample(size, seed=9)
+    with physai.num_threads(threads):
+        assert physai.get_num_threads() == threads
+        assert_batches_equal(whole, task.sample(size, seed=9))
+        cuts = [0, 1, chunk // 2, chunk // 2 + 4 * chunk - 7, size]
+        pieces = [task.sample(end - start, seed=9, start=start) for start, end in zip(cuts, cuts[1:])]
+    for name in FIELDS:
+        np.testing.assert_array_equal(getattr(whole, name), np.concatenate([getattr(p, name) for p in pieces]))
+    assert not np.array_equal(whole.tokens, task.sample(size, seed=10).tokens)
 
 
 def test_rejected_draw_continues_past_the_prefetched_words(monkeypatch):

@@ -134,5 +134,30 @@ def test_long_native_calls_release_the_gil():
     net = TwoLayer(16, 64, 1, "tanh", ensemble=4, dtype=np.float64)
     task = LegoTask(12)
     assert _runs_beside_python(lambda: task.sample(100_000), "generate")
-    assert _runs_beside_python(lambda: net.train(X, Y, 0.01, 100), "train_f64")
-    assert _runs_beside_python(lambda: net.sharpness(X, Y, k=4, tol=1e-10), "hessian_eigs_f64")
+    assert _runs_beside_python(lambda: net.train(X, Y, 0.01, 100), "train")
+    assert _runs_beside_python(lambda: net.sharpness(X, Y, tol=1e-10), "hessian_eigs")
+
+
+def _environment_after_import(env):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, os, physai; "
+            "print(json.dumps({k: os.environ.get(k) for k in ('GOMP_SPINCOUNT', 'OMP_WAIT_POLICY')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in {**os.environ, **env}.items() if v is not None})
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("env", [{"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": None}, {"GOMP_SPINCOUNT": "5"},
+                                 {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": None}])
+def test_import_leaves_the_users_openmp_environment_as_it_was(env):
+    # physai shortens libgomp's spin while it loads it (so threads waiting at a barrier sleep soon when another
+    # process has their partner's core) unless the user chose a wait policy, and leaves the environment as it was
+    # for child processes.
+    import os
+
+    expected = {name: env.get(name, os.environ.get(name)) for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    assert _environment_after_import(env) == expected

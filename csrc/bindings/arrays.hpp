@@ -21,10 +21,18 @@ inline std::string shape_string(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
+// Whether `a` holds values of T in native byte order (numpy's PyArray_EquivTypes). Dtypes are compared by
+// equivalence, never identity: an array that went through pickle (to a process pool or a Dask worker) carries an
+// equal dtype object, not numpy's singleton.
+template <class T>
+bool has_dtype(const py::array& a) {
+  return py::isinstance<py::array_t<T>>(a);
+}
+
 // Checks that `a` is a C-contiguous array of T with the given shape (-1 = any extent).
 template <class T>
 void check_array(const py::array& a, const char* name, std::initializer_list<int64_t> shape) {
-  if (!py::isinstance<py::array_t<T>>(a) || !a.dtype().is(py::dtype::of<T>()))
+  if (!has_dtype<T>(a))
     fail_type(name, ": expected dtype ", std::string(py::str(py::dtype::of<T>())), ", got ",
               std::string(py::str(a.dtype())));
   if (!(a.flags() & py::array::c_style)) fail_value(name, ": expected a C-contiguous array");
@@ -51,6 +59,14 @@ T* checked_mutable_data(py::array& a, const char* name, std::initializer_list<in
   check_array<T>(a, name, shape);
   if (!a.writeable()) fail_value(name, ": expected a writeable array (it is updated in place)");
   return static_cast<T*>(a.mutable_data());
+}
+
+// Calls fn(T{}) with T the element type of `a`, float or double: one binding name serves both precisions.
+template <class Fn>
+decltype(auto) dispatch_float(const py::array& a, const char* name, Fn&& fn) {
+  if (has_dtype<float>(a)) return fn(float{});
+  if (has_dtype<double>(a)) return fn(double{});
+  fail_type(name, ": expected dtype float32 or float64, got ", std::string(py::str(a.dtype())));
 }
 
 }  // namespace physai::bind

@@ -10,6 +10,7 @@ using physai::bind::checked_data;
 
 void bind_lego(py::module_& m) {
   m.attr("max_vars") = physai::lego::kMaxVars;
+  m.attr("chunk") = physai::lego::kChunk;
   m.def(
       "generate",
       [](int32_t n_vars, py::array table, int32_t graph, int32_t components, bool shuffle, py::tuple token_ids,

@@ -16,7 +16,7 @@ void bind_spectrum(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "physai native kernels (CPU)";
-  // physai's own parallel loops own the threads; BLAS inside them runs single-threaded (see twolayer/kernels.cpp).
+  // physai's own parallel loops own the threads; BLAS inside them runs single-threaded (see common/gemm.hpp).
   physai::blas::set_num_threads(1);
   py::register_local_exception<physai::type_error>(m, "NativeTypeError", PyExc_TypeError);
 

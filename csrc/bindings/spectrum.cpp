@@ -61,27 +61,35 @@ py::tuple run(bool use_lanczos, const py::function& f, int64_t batch, int64_t n,
   return py::make_tuple(values, vectors, matvecs, converged);
 }
 
-template <class T>
-void bind_solvers(py::module_& m, const char* suffix) {
-  m.def((std::string("lanczos_") + suffix).c_str(),
-        [](const py::function& f, int64_t batch, int64_t n, int64_t k, const std::string& which, double tol,
-           int64_t max_matvecs, int64_t ncv, uint64_t seed, const py::object& v0) {
-          return run<T>(true, f, batch, n, k, which, tol, max_matvecs, ncv, seed, v0);
-        },
-        py::arg("matvec"), py::arg("batch"), py::arg("n"), py::arg("k"), py::arg("which"), py::arg("tol"),
-        py::arg("max_matvecs"), py::arg("ncv"), py::arg("seed"), py::arg("v0"),
-        "Thick-restart Lanczos; returns (values[batch,k], vectors[batch,k,n], matvecs[batch], converged[batch]).");
-  m.def((std::string("power_iteration_") + suffix).c_str(),
-        [](const py::function& f, int64_t batch, int64_t n, double tol, int64_t max_matvecs, uint64_t seed,
-           const py::object& v0) { return run<T>(false, f, batch, n, 1, "LM", tol, max_matvecs, 0, seed, v0); },
-        py::arg("matvec"), py::arg("batch"), py::arg("n"), py::arg("tol"), py::arg("max_matvecs"),
-        py::arg("seed"), py::arg("v0"),
-        "Power iteration; returns (values[batch,1], vectors[batch,1,n], matvecs[batch], converged[batch]).");
+// Calls fn(T{}) for the solver precision T named by `dtype` (float32 or float64): one binding name per solver.
+template <class Fn>
+py::tuple by_dtype(const py::dtype& dtype, Fn&& fn) {
+  if (dtype.equal(py::dtype::of<float>())) return fn(float{});
+  if (dtype.equal(py::dtype::of<double>())) return fn(double{});
+  physai::fail_type("dtype: expected float32 or float64, got ", std::string(py::str(dtype)));
 }
 
 }  // namespace
 
 void bind_spectrum(py::module_& m) {
-  bind_solvers<float>(m, "f32");
-  bind_solvers<double>(m, "f64");
+  m.def("lanczos",
+        [](const py::function& f, int64_t batch, int64_t n, int64_t k, const std::string& which, double tol,
+           int64_t max_matvecs, int64_t ncv, uint64_t seed, const py::object& v0, const py::dtype& dtype) {
+          return by_dtype(dtype, [&](auto zero) {
+            return run<decltype(zero)>(true, f, batch, n, k, which, tol, max_matvecs, ncv, seed, v0);
+          });
+        },
+        py::arg("matvec"), py::arg("batch"), py::arg("n"), py::arg("k"), py::arg("which"), py::arg("tol"),
+        py::arg("max_matvecs"), py::arg("ncv"), py::arg("seed"), py::arg("v0"), py::arg("dtype"),
+        "Thick-restart Lanczos; returns (values[batch,k], vectors[batch,k,n], matvecs[batch], converged[batch]).");
+  m.def("power_iteration",
+        [](const py::function& f, int64_t batch, int64_t n, double tol, int64_t max_matvecs, uint64_t seed,
+           const py::object& v0, const py::dtype& dtype) {
+          return by_dtype(dtype, [&](auto zero) {
+            return run<decltype(zero)>(false, f, batch, n, 1, "LM", tol, max_matvecs, 0, seed, v0);
+          });
+        },
+        py::arg("matvec"), py::arg("batch"), py::arg("n"), py::arg("tol"), py::arg("max_matvecs"),
+        py::arg("seed"), py::arg("v0"), py::arg("dtype"),
+        "Power iteration; returns (values[batch,1], vectors[batch,1,n], matvecs[batch], converged[batch]).");
 }

@@ -4,27 +4,13 @@
 #include <cstdint>
 
 #include "cuda/twolayer_math.cuh"
+#include "twolayer/net.hpp"
 
 namespace physai::cuda {
 
-// One ensemble of two-layer networks f = output_scale * a sigma(input_scale * W x + b).
-// Each parameter pointer addresses member 0; member e starts `stride` elements further, so the same kernels
-// serve separate tensors (W: stride m*d) and one flattened [E, P] buffer (stride P, as power iteration uses).
-template <class T>
-struct Net {
-  int64_t E = 0, n = 0, d = 0, m = 0, k = 0;
-  const T* W = nullptr;
-  const T* b = nullptr;  // nullptr: no bias
-  const T* a = nullptr;
-  int64_t sW = 0, sb = 0, sa = 0;
-  const T* X = nullptr;
-  int64_t sX = 0;  // 0: X shared by all members, n*d: per member
-  const T* Y = nullptr;
-  int64_t sY = 0;
-  T input_scale = T(1), output_scale = T(1);
-  Activation act = Activation::Relu;
-  Loss loss = Loss::Mse;
-};
+// The network and its targets are the CPU kernels' (twolayer/net.hpp), so both backends take one description.
+using twolayer::Net;
+using twolayer::Targets;
 
 // A per-member parameter-shaped output or direction: pointers to the W, b, a parts and their member strides.
 template <class T, class P = T*>
@@ -39,18 +25,23 @@ void forward(const Net<T>& net, T* f, std::uintptr_t stream);
 
 // loss [E]; gradients of the mean loss written to grad.
 template <class T>
-void loss_and_grad(const Net<T>& net, T* loss, const Params<T>& grad, std::uintptr_t stream);
+void loss_and_grad(const Net<T>& net, const Targets<T>& targets, T* loss, const Params<T>& grad, std::uintptr_t stream);
 
 // Hessian of the mean loss applied to direction v, written to out.
 template <class T>
-void hvp(const Net<T>& net, const Params<T, const T*>& v, const Params<T>& out, std::uintptr_t stream);
+void hvp(const Net<T>& net, const Targets<T>& targets, const Params<T, const T*>& v, const Params<T>& out,
+         std::uintptr_t stream);
 
-// Power iteration on the HVP, per member. v [E, P] (P = m d + m (if bias) + k m) holds the start vector and
-// receives the final normalized iterate; eig [E] (device) the Rayleigh quotients. Stops after `iters` steps or
-// when every member's estimate moved by at most tol * |estimate|. Returns the number of steps taken.
+// Power iteration on the HVP, per member, with the convergence test of csrc/spectrum's power_iteration: member e
+// stops when ||H v - theta v|| <= tol |theta| (theta = v . H v, v a unit vector) or H v = 0, or after max_matvecs
+// products. v [E, P] (P = net.params(), device) holds the start vectors and receives the final unit iterates;
+// values [E] (device) the Rayleigh quotients; matvecs [E] and converged [E] (host) each member's products and
+// whether it met the test. A member whose product is not finite raises std::invalid_argument naming it.
 template <class T>
-int power_iteration(const Net<T>& net, T* v, T* eig, int iters, double tol, std::uintptr_t stream);
+void power_iteration(const Net<T>& net, const Targets<T>& targets, T* v, T* values, int64_t max_matvecs, double tol,
+                     int64_t* matvecs, uint8_t* converged, std::uintptr_t stream);
 
+// Number of CUDA devices: 0 without a driver or a device; std::runtime_error when the runtime fails otherwise.
 int device_count();
 int runtime_version();        // CUDART_VERSION this module was built against, e.g. 13000
 const char* architectures();  // the compute capabilities compiled, e.g. "900"

@@ -15,11 +15,6 @@ constexpr int kPhases = 5;
 
 PHYSAI_HD int64_t imin(int64_t x, int64_t y) { return x < y ? x : y; }
 
-template <class T>
-PHYSAI_HD int64_t num_params(const Net<T>& net) {
-  return net.m * net.d + (net.b ? net.m : 0) + net.k * net.m;
-}
-
 // Shared-memory values per sample: H, GH (and RH) of width m; F, G (and RF, RG) of width k; one loss.
 template <class T>
 PHYSAI_HD int64_t shared_per_sample(const Net<T>& net, Mode mode) {
@@ -30,13 +25,14 @@ PHYSAI_HD int64_t shared_per_sample(const Net<T>& net, Mode mode) {
 template <class T, Mode mode>
 struct Tile {
   Net<T> net;
+  Targets<T> targets;
   Params<T, const T*> v;  // direction (hvp only)
   int64_t e, TS;
   T* smem;
   T* row;
 
   PHYSAI_HD void run_phase(int phase, int64_t tile, bool first, int64_t tid, int64_t nthreads) const {
-    const int64_t m = net.m, d = net.d, k = net.k, P = num_params(net);
+    const int64_t m = net.m, d = net.d, k = net.k, P = net.params();
     T* H = smem;           // pre-activations [TS, m]
     T* GH = H + TS * m;    // dL/dh (grad) or R(dL/dh) (hvp) [TS, m]
     T* F = GH + TS * m;    // outputs [TS, k]
@@ -46,16 +42,16 @@ struct Tile {
     T* RF = RH + TS * m;   // R(f) [TS, k]
     T* RG = RF + TS * k;   // R(dL/df) [TS, k]
     const bool hvp = mode == Mode::hvp;
-    const T* W = net.W + e * net.sW;
-    const T* b = net.b ? net.b + e * net.sb : nullptr;
-    const T* a = net.a + e * net.sa;
+    const T* W = net.W_of(e);
+    const T* b = net.b_of(e);
+    const T* a = net.a_of(e);
     const T* vW = hvp ? v.W + e * v.sW : nullptr;
     const T* vb = hvp && net.b ? v.b + e * v.sb : nullptr;
     const T* va = hvp ? v.a + e * v.sa : nullptr;
     const T is = net.input_scale, os = net.output_scale;
     const int64_t s0 = tile * TS, ns = imin(TS, net.n - s0);
-    const T* X = net.X + e * net.sX + s0 * d;
-    const T* Y = net.Y + e * net.sY + s0 * k;
+    const T* X = net.X_of(e) + s0 * d;
+    const T* Y = targets.Y_of(e, net.n, k) + s0 * k;
 
     switch (phase) {
       case 0:  // h = is W x + b, and R(h) = is vW x + vb
@@ -75,7 +71,7 @@ struct Tile {
           const int64_t s = idx / k, j = idx % k;
           T acc = T(0), racc = T(0);
           for (int64_t i = 0; i < m; ++i) {
-            const ActValues<T> av = activation(net.act, H[s * m + i]);
+            const ActValues<T> av = activation(net.activation, H[s * m + i]);
             acc += a[j * m + i] * av.s;
             if (hvp) racc += va[j * m + i] * av.s + a[j * m + i] * av.d1 * RH[s * m + i];
           }
@@ -85,14 +81,14 @@ struct Tile {
         break;
       case 2:  // per-sample loss, g = dl/df, R(g) = (d^2 l/df^2) R(f)
         for (int64_t s = tid; s < ns; s += nthreads) {
-          L[s] = loss_grad(net.loss, F + s * k, Y + s * k, G + s * k, static_cast<int>(k));
-          if (hvp) loss_hvp(net.loss, F + s * k, Y + s * k, RF + s * k, RG + s * k, static_cast<int>(k));
+          L[s] = loss_grad(targets.loss, F + s * k, Y + s * k, G + s * k, static_cast<int>(k));
+          if (hvp) loss_hvp(targets.loss, F + s * k, Y + s * k, RF + s * k, RG + s * k, static_cast<int>(k));
         }
         break;
       case 3:  // dL/dh = os (a^T g) sigma'(h); R of it by the product rule
         for (int64_t idx = tid; idx < ns * m; idx += nthreads) {
           const int64_t s = idx / m, i = idx % m;
-          const ActValues<T> av = activation(net.act, H[idx]);
+          const ActValues<T> av = activation(net.activation, H[idx]);
           T ag = T(0), rag = T(0);
           for (int64_t j = 0; j < k; ++j) {
             ag += a[j * m + i] * G[s * k + j];
@@ -115,7 +111,7 @@ struct Tile {
           } else if (p < P) {
             const int64_t q = p - nW - nb, j = q / m, i = q % m;
             for (int64_t s = 0; s < ns; ++s) {
-              const ActValues<T> av = activation(net.act, H[s * m + i]);
+              const ActValues<T> av = activation(net.activation, H[s * m + i]);
               acc += hvp ? RG[s * k + j] * av.s + G[s * k + j] * av.d1 * RH[s * m + i] : G[s * k + j] * av.s;
             }
             acc *= os;
@@ -133,10 +129,10 @@ struct Tile {
 // Output element t of the reduction (t < E (P + 1)): sums member e's workspace rows in chunk order and applies
 // the mean's normalization. loss may be null (hvp).
 template <class T>
-PHYSAI_HD void reduce_element(const Net<T>& net, const T* ws, int64_t chunks, T* loss, const Params<T>& out,
-                                     int64_t t) {
-  const int64_t P = num_params(net), nW = net.m * net.d, nb = net.b ? net.m : 0;
-  const T norm = net.loss == Loss::CrossEntropy ? T(1) / T(net.n) : T(1) / (T(net.n) * T(net.k));
+PHYSAI_HD void reduce_element(const Net<T>& net, const Targets<T>& targets, const T* ws, int64_t chunks, T* loss,
+                              const Params<T>& out, int64_t t) {
+  const int64_t P = net.params(), nW = net.m * net.d, nb = net.b ? net.m : 0;
+  const T norm = targets.loss == Loss::CrossEntropy ? T(1) / T(net.n) : T(1) / (T(net.n) * T(net.k));
   const int64_t e = t / (P + 1), p = t % (P + 1);
   T acc = T(0);
   for (int64_t c = 0; c < chunks; ++c) acc += ws[(e * chunks + c) * (P + 1) + p];

@@ -19,8 +19,6 @@ void generate(const Spec& spec, uint64_t seed, uint64_t start, int64_t batch, in
   PHYSAI_REQUIRE(closed, "table: entries must be element indices 0..", spec.n_elements - 1);
   PHYSAI_REQUIRE(start + static_cast<uint64_t>(batch) >= start, "start: start + batch_size overflows 64 bits");
   const int64_t row = tokens_per_sentence(spec.n_vars), n = spec.n_vars;
-  // Chunks of samples amortise the per-iteration scheduling cost; the output of a sample never depends on them.
-  constexpr int64_t kChunk = 128;
   // Sentences whose values are resolved side by side (see resolve).
   constexpr int kGroup = 4;
   const int64_t chunks = (batch + kChunk - 1) / kChunk;

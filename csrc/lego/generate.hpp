@@ -6,6 +6,10 @@
 
 namespace physai::lego {
 
+// Samples per parallel task: chunks amortise the per-iteration scheduling cost; the output of a sample never depends
+// on them.
+constexpr int64_t kChunk = 128;
+
 // Checks the spec (cheap re-check of what the Python layer validated) and fills the four outputs, each
 // C-contiguous: tokens [batch, 5n+2], labels/positions/depth [batch, n].
 void generate(const Spec& spec, uint64_t seed, uint64_t start, int64_t batch, int64_t* tokens, int64_t* labels,

@@ -1,11 +1,17 @@
-// Fused two-layer network kernels for ensembles, CPU. For member e (all row-major):
-//   Z = input_scale * X W^T + b   [n, m]      S = sigma(Z)      F = output_scale * S a^T   [n, k]
-// with W [E, m, d], b [E, m] (optional), a [E, k, m], X [n, d] shared or [E, n, d], Y likewise [n, k] / [E, n, k].
-// The batch is cut into row tiles; for each tile the pre-activation GEMM, activation and derivatives, output GEMM,
-// loss and backward run back to back, and weight gradients accumulate over tiles in a fixed order (bitwise the same
-// for any thread count). Members run in parallel (BLAS single-threaded inside) when there are several; a lone small
-// member runs fixed row blocks in parallel and sums their gradients in block order; a lone large one splits each GEMM
-// into fixed blocks and its elementwise work into rows. numpy twin: physai/twolayer/reference.py.
+// Public interface of the fused two-layer network kernels for ensembles, CPU (the network: twolayer/net.hpp).
+// Results are bitwise the same for any thread count. numpy twin: physai/twolayer/reference.py.
+//
+// Where each part lives (one idea per file):
+//   twolayer/net.hpp        Net and Targets, the description of an ensemble every backend takes
+//   twolayer/math.hpp       activations and losses with their derivatives (shared with the CUDA kernels)
+//   twolayer/schedule.hpp   how members, row blocks and GEMM blocks share the threads; views of a member's rows
+//   twolayer/rows.{hpp,cpp} elementwise row kernels, cloned for AVX-512 and AVX2/FMA
+//   twolayer/passes.hpp     tile passes shared by the files below
+//   twolayer/gradient.cpp   forward, backward, loss + gradient
+//   twolayer/hvp.cpp        the Hessian operator (R-operator) and its eigenpairs
+//   twolayer/train.cpp      the gradient-descent loop with sharpness tracking
+//   common/gemm.{hpp,cpp}   deterministic blocked GEMM (BLAS, or plain loops for tiny dimensions)
+//   common/simd.hpp         vector type and fixed-order reductions
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -13,35 +19,9 @@
 
 #include "spectrum/eigensolvers.hpp"
 #include "twolayer/math.hpp"
+#include "twolayer/net.hpp"
 
 namespace physai::twolayer {
-
-template <class T>
-struct Net {
-  int64_t E = 1, n = 0, d = 0, m = 0, k = 1;
-  const T* X = nullptr;
-  bool x_shared = true;
-  const T* W = nullptr;
-  const T* b = nullptr;  // null: no bias
-  const T* a = nullptr;
-  T input_scale = T(1), output_scale = T(1);
-  Activation activation = Activation::Relu;
-
-  const T* X_of(int64_t e) const { return x_shared ? X : X + e * n * d; }
-  const T* W_of(int64_t e) const { return W + e * m * d; }
-  const T* b_of(int64_t e) const { return b ? b + e * m : nullptr; }
-  const T* a_of(int64_t e) const { return a + e * k * m; }
-  // Parameters of one member, flattened as [W (m d), b (m, with bias), a (k m)].
-  int64_t params() const { return m * d + (b ? m : 0) + k * m; }
-};
-
-template <class T>
-struct Targets {
-  const T* Y = nullptr;
-  bool shared = true;
-  Loss loss = Loss::Mse;
-  const T* Y_of(int64_t e, int64_t n, int64_t k) const { return shared ? Y : Y + e * n * k; }
-};
 
 // Checks extents and scales (cheap re-check of the Python layer).
 template <class T>
@@ -67,7 +47,9 @@ void loss_and_grad(const Net<T>& net, const Targets<T>& targets, T* loss, T* dW,
 template <class T>
 class HessianOperator {
  public:
-  HessianOperator(const Net<T>& net, const Targets<T>& targets);
+  // compute_caches false: storage only; refresh_member(e) must run before member e's products (the training loop
+  // computes each member's caches on that member's thread).
+  HessianOperator(const Net<T>& net, const Targets<T>& targets, bool compute_caches = true);
   // Recomputes the caches at the current values of the parameters the net points to (same shapes, same buffers).
   void refresh();
   // The same for member e alone (its caches and loss only, so members may refresh on different threads): the
@@ -99,6 +81,20 @@ class HessianOperator {
 template <class T>
 void hessian_eigs(const Net<T>& net, const Targets<T>& targets, const spectrum::Options& options, bool use_lanczos,
                   const T* v0, T* values, T* vectors, int64_t* matvecs, uint8_t* converged);
+
+namespace detail {
+
+// Lanczos (k pairs) or power iteration (the dominant pair) from csrc/spectrum on a batched matvec.
+template <class T, class MatVec>
+void eigensolve(bool use_lanczos, MatVec&& matvec, int64_t E, int64_t P, const spectrum::Options& options, const T* v0,
+                T* values, T* vectors, int64_t* matvecs, uint8_t* converged, int64_t first_member = 0) {
+  if (use_lanczos)
+    spectrum::lanczos<T>(matvec, E, P, options, v0, values, vectors, matvecs, converged, first_member);
+  else
+    spectrum::power_iteration<T>(matvec, E, P, options, v0, values, vectors, matvecs, converged, first_member);
+}
+
+}  // namespace detail
 
 // Learning rates of a GD run: lr [E] per member, times a per-layer multiplier (the parameterization's).
 template <class T>

@@ -1,5 +1,5 @@
 // Activations and losses of the two-layer kernels with their derivatives, as host/device scalar functions shared by
-// the CPU kernels (kernels.cpp) and the CUDA kernels. Their numpy twins live in physai/twolayer/reference.py.
+// the CPU kernels (csrc/twolayer) and the CUDA kernels. Their numpy twins live in physai/twolayer/reference.py.
 #pragma once
 #include <cmath>
 #include <cstdint>

@@ -1,14 +1,15 @@
 """``TwoLayer``: an ensemble of two-layer networks with numpy parameters and fused native kernels."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from physai import _core
-from physai._checks import (MAX_INT64, check_array, check_choice, check_dtype, check_float, check_int, check_seed,
+from physai._checks import (MAX_INT64, as_array, check_array, check_choice, check_dtype, check_float, check_int, check_seed,
                             check_v0)
-from physai.twolayer.params import ACTIVATIONS, LOSSES, PARAMETERIZATIONS, scaling
+from physai.twolayer.params import ACTIVATIONS, PARAMETERIZATIONS, activation_code, loss_code, scaling
 
 
 @dataclass
@@ -27,6 +28,16 @@ class Trajectory:
         the rates beyond the edge of stability). Losses are recorded before each update, so a member that breaks
         on the very last update shows only in its parameters."""
         return ~np.isfinite(self.losses).all(axis=0)
+
+    def save(self, path) -> None:
+        """Write the arrays to ``path``, a ``.npz`` (bit for bit)."""
+        np.savez(path, **{field.name: getattr(self, field.name) for field in fields(self)})
+
+    @classmethod
+    def load(cls, path) -> "Trajectory":
+        """The trajectory ``save`` wrote to ``path``."""
+        with np.load(path, allow_pickle=False) as data:
+            return cls(**{field.name: data[field.name] for field in fields(cls)})
 
 
 class HessianOperator:
@@ -66,8 +77,10 @@ class TwoLayer:
         layout raises there, not at the next kernel call).
     scaling : the parameterization evaluated at (d, m).
 
-    Arrays passed to methods: X [n, d] (shared by the members) or [E, n, d]; Y [n, k] or [E, n, k] of the model's
-    dtype. Losses: ``mse`` (0.5 mean of squared errors over n k entries), ``logistic`` (labels +-1, mean over n k),
+    Arrays passed to methods: X [n, d] (shared by the members) or [E, n, d]; Y [n, k] or [E, n, k] (a 1-D Y [n] is
+    one column). They are converted as numpy converts arrays: any real dtype is cast to the model's and a C-contiguous
+    copy is made where the array is not one already (no copy otherwise); complex or object arrays raise TypeError.
+    Models pickle, deep-copy and ``save``/``load`` (``.npz``). Losses: ``mse`` (0.5 mean of squared errors over n k entries), ``logistic`` (labels +-1, mean over n k),
     ``cross_entropy`` (Y rows are class distributions, mean over n).
     """
 
@@ -99,9 +112,30 @@ class TwoLayer:
             raise TypeError(f"bias: expected a bool, got {type(bias).__name__}")
         self._bias = bool(bias)
         self.scaling = scaling(self.param, self.d, self.m)
-        self._suffix = "f32" if self.dtype == np.float32 else "f64"
         self._config = _core.twolayer.Config(self.scaling.input_scale, self.scaling.output_scale,
-                                             ACTIVATIONS.index(self.activation))
+                                             activation_code(self.activation))
+
+    # -- copies and files: the kernel configuration is rebuilt from the names, never pickled ---------------------
+    def __getstate__(self) -> dict:
+        return {name: value for name, value in self.__dict__.items() if name != "_config"}
+
+    def __setstate__(self, state: dict) -> None:
+        self._configure(state["d"], state["m"], state["k"], state["activation"], state["param"], state["_bias"],
+                        state["ensemble"], state["dtype"])
+        self.__dict__.update(state)
+
+    def save(self, path) -> None:
+        """Write the parameters (bit for bit) and the activation and parameterization to ``path``, a ``.npz``."""
+        biases = {} if self.b is None else {"b": self.b}
+        header = json.dumps({"activation": self.activation, "param": self.param})
+        np.savez(path, W=self.W, a=self.a, **biases, __header__=header)
+
+    @classmethod
+    def load(cls, path) -> "TwoLayer":
+        """The model ``save`` wrote to ``path``."""
+        with np.load(path, allow_pickle=False) as data:
+            b = data["b"] if "b" in data.files else None
+            return cls.from_arrays(data["W"], b, data["a"], **json.loads(str(data["__header__"])))
 
     @classmethod
     def from_arrays(cls, W: np.ndarray, b: np.ndarray | None, a: np.ndarray, activation: str = "relu",
@@ -148,7 +182,7 @@ class TwoLayer:
 
     # -- plumbing -----------------------------------------------------------------------------------------------
     def _native(self, name: str):
-        return getattr(_core.twolayer, f"{name}_{self._suffix}")
+        return getattr(_core.twolayer, name)
 
     @property
     def config(self):
@@ -161,17 +195,20 @@ class TwoLayer:
         return self.m * self.d + (self.m if self.b is not None else 0) + self.k * self.m
 
     def _check_data(self, x, name: str, *shape) -> np.ndarray:
-        """x of the model's dtype shaped ``shape`` (shared by the members) or [E, *shape] (one slice per member)."""
-        per_member = (self.ensemble,) if isinstance(x, np.ndarray) and x.ndim == len(shape) + 1 else ()
-        return check_array(x, name, dtype=self.dtype, shape=per_member + shape)
+        """x converted to the model's dtype (see the class docstring), shaped ``shape`` (shared by the members) or
+        [E, *shape] (one slice per member)."""
+        x = as_array(x, name, self.dtype)
+        per_member = (self.ensemble,) if x.ndim == len(shape) + 1 else ()
+        return check_array(x, name, shape=per_member + shape)
 
     def _check_X(self, X) -> np.ndarray:
         return self._check_data(X, "X", None, self.d)
 
     def _check_XY(self, X, Y, loss) -> tuple[np.ndarray, np.ndarray, int]:
         X = self._check_X(X)
-        Y = self._check_data(Y, "Y", X.shape[-2], self.k)
-        return X, Y, LOSSES.index(check_choice(loss, "loss", LOSSES))
+        Y = as_array(Y, "Y", self.dtype)
+        Y = self._check_data(Y[:, None] if Y.ndim == 1 else Y, "Y", X.shape[-2], self.k)
+        return X, Y, loss_code(loss)
 
     # -- kernels ------------------------------------------------------------------------------------------------
     def forward(self, X: np.ndarray) -> np.ndarray:
@@ -183,7 +220,7 @@ class TwoLayer:
     def loss_and_grad(self, X: np.ndarray, Y: np.ndarray, loss: str = "mse"):
         """Per-member loss [E] and gradients ``(dW [E,m,d], db [E,m] or None, da [E,k,m])``, one fused pass."""
         X, Y, code = self._check_XY(X, Y, loss)
-        value, dW, db, da = self._native("loss_and_grad")(X, self.W, self.b, self.a, Y, self.config, code)
+        value, dW, db, da = self._native("loss_and_grad")(X, Y, self.W, self.b, self.a, self.config, code)
         return value, (dW, db, da)
 
     def hessian_operator(self, X: np.ndarray, Y: np.ndarray, loss: str = "mse") -> "HessianOperator":
@@ -193,23 +230,53 @@ class TwoLayer:
         each matvec costs about one gradient. It keeps references to X, Y and the parameter arrays; changing them in
         place afterwards changes what it computes."""
         X, Y, code = self._check_XY(X, Y, loss)
-        native = self._native("HessianOperator")(X, self.W, self.b, self.a, Y, self.config, code)
+        native = self._native("hessian_operator")(X, Y, self.W, self.b, self.a, self.config, code)
         return HessianOperator(native, (self.ensemble, self.num_params, self.num_params), self.dtype)
 
     def sharpness(self, X: np.ndarray, Y: np.ndarray, k: int = 1, method: str = "lanczos", loss: str = "mse",
-                  tol: float = 1e-6, max_iter: int = 1000, which: str = "LA", v0=None, seed: int = 0):
-        """Top-k eigenpairs of each member's loss Hessian (the sharpness is ``values[:, 0]``), computed natively by
-        Lanczos (``method="lanczos"``) or power iteration (``"power"``, k = 1, largest magnitude) on the fused HVP,
-        with no Python per product. ``v0`` [E, P] warm-starts from earlier eigenvectors. Returns a
-        ``physai.spectrum.EigenResult`` (values [E, k], vectors [E, k, P], matvecs [E], converged [E])."""
-        from physai.spectrum import EigenResult
+                  tol: float = 1e-6, max_matvecs: int = 1000, which: str = "LA", v0=None, seed: int = 0):
+        """Top-k eigenpairs of each member's loss Hessian (the sharpness is ``values[:, 0]``). With which "LA"/"LM"
+        they are computed natively by Lanczos (``method="lanczos"``) or power iteration (``"power"``, k = 1, largest
+        magnitude) on the fused HVP, with no Python per product, and for k > 1 certified by
+        ``physai.spectrum.certified_top_k`` on ``hessian_operator`` (every copy of a repeated eigenvalue found);
+        which "SA"/"BE" runs ``physai.spectrum.lanczos`` on ``hessian_operator``. ``v0``
+        [E, P] warm-starts from earlier eigenvectors. A member whose loss is not finite (diverged, in a
+        learning-rate sweep) gets NaN values and vectors, converged False and diverged True; the others are solved
+        as an ensemble of their own. Returns a ``physai.spectrum.EigenResult`` (values [E, k], vectors [E, k, P],
+        matvecs [E], converged [E], diverged [E])."""
+        from physai.spectrum import EigenResult, certified_top_k, lanczos
 
         X, Y, code = self._check_XY(X, Y, loss)
-        options = self._eig_options(k, method, tol, max_iter, which, seed)
+        which = check_choice(which, "which", ("LA", "SA", "LM", "BE"))
+        options = self._eig_options(k, method, tol, max_matvecs, which if which in ("LA", "LM") else "LA", seed)
+        if method == "power" and which not in ("LA", "LM"):
+            raise ValueError(f"which: power iteration finds the largest-magnitude eigenvalue, got which={which!r}")
         v0 = check_v0(v0, self.ensemble, self.num_params, self.dtype)
-        return EigenResult(*self._native("hessian_eigs")(X, self.W, self.b, self.a, Y, self.config, code, options, v0))
+        finite = np.isfinite(self.loss_and_grad(X, Y, loss)[0])
+        if not finite.all():
+            result = EigenResult(np.full((self.ensemble, k), np.nan, self.dtype),
+                                 np.full((self.ensemble, k, self.num_params), np.nan, self.dtype),
+                                 np.zeros(self.ensemble, np.int64), np.zeros(self.ensemble, bool), ~finite)
+            if finite.any():
+                rows = lambda x: x if x is None or x.ndim == 2 else np.ascontiguousarray(x[finite])  # noqa: E731
+                healthy = TwoLayer.from_arrays(*(None if p is None else np.ascontiguousarray(p[finite])
+                                                 for p in (self.W, self.b, self.a)), self.activation, self.param)
+                part = healthy.sharpness(rows(X), rows(Y), k, method, loss, tol, max_matvecs, which,
+                                         None if v0 is None else v0[finite], seed)
+                for name in ("values", "vectors", "matvecs", "converged"):
+                    getattr(result, name)[finite] = getattr(part, name)
+            return result
+        if which not in ("LA", "LM"):
+            return lanczos(self.hessian_operator(X, Y, loss), k=k, which=which, tol=tol, max_matvecs=max_matvecs,
+                           v0=v0, seed=seed)
+        first = self._native("hessian_eigs")(X, Y, self.W, self.b, self.a, self.config, code, options, v0)
+        if k == 1:
+            return EigenResult(*first)
+        op = self.hessian_operator(X, Y, loss)
+        return EigenResult(*certified_top_k(op.matvec, self.ensemble, self.num_params, self.dtype, k=k, which=which,
+                                            tol=tol, max_matvecs=max_matvecs, seed=seed, first=first))
 
-    def _eig_options(self, k, method, tol, max_iter, which, seed, prefix=""):
+    def _eig_options(self, k, method, tol, max_matvecs, which, seed, prefix=""):
         """Native solver options; ``prefix`` names the arguments as the caller spells them (``sharpness_``)."""
         method = check_choice(method, prefix + "method", ("lanczos", "power"))
         k = check_int(k, "k", min=1, max=self.num_params)
@@ -217,7 +284,7 @@ class TwoLayer:
             raise ValueError(f"k: power iteration finds one eigenpair, got k={k}; use method='lanczos'")
         which = check_choice(which, "which", ("LA", "LM"))
         return _core.twolayer.EigOptions(k, which, check_float(tol, prefix + "tol", positive=True),
-                                         check_int(max_iter, prefix + "max_iter", min=k, max=MAX_INT64), 0,
+                                         check_int(max_matvecs, prefix + "max_matvecs", min=k, max=MAX_INT64), 0,
                                          check_seed(seed), method == "lanczos")
 
     def hvp(self, X: np.ndarray, Y: np.ndarray, direction, loss: str = "mse"):
@@ -255,7 +322,7 @@ class TwoLayer:
 
     def train(self, X: np.ndarray, Y: np.ndarray, lr, steps: int, loss: str = "mse", batch_size: int | None = None,
               track_sharpness_every: int | None = None, sharpness_tol: float = 1e-3, sharpness_method: str = "lanczos",
-              sharpness_max_iter: int = 100) -> "Trajectory":
+              sharpness_max_matvecs: int = 100) -> "Trajectory":
         """Run ``steps`` of gradient descent in native code (no Python per step), updating W, b, a in place.
 
         ``lr`` is a float or one rate per member [E] (a learning-rate sweep is an ensemble with one rate per member);
@@ -284,9 +351,9 @@ class TwoLayer:
         if not np.all(np.isfinite(rates)) or np.any(rates < 0):
             raise ValueError(f"lr: expected finite non-negative learning rates in {self.dtype.name}, got {lr!r}")
         every = 0 if track_sharpness_every is None else check_int(track_sharpness_every, "track_sharpness_every", min=1)
-        options = self._eig_options(1, sharpness_method, sharpness_tol, sharpness_max_iter, "LA", 0, "sharpness_")
+        options = self._eig_options(1, sharpness_method, sharpness_tol, sharpness_max_matvecs, "LA", 0, "sharpness_")
         s = self.scaling
-        losses, sharpness, matvecs = self._native("train")(X, self.W, self.b, self.a, Y, self.config, code,
+        losses, sharpness, matvecs = self._native("train")(X, Y, self.W, self.b, self.a, self.config, code,
                                                            rates, s.lr_W, s.lr_b, s.lr_a, steps,
                                                            batch_size, every, options)
         tracked_steps = np.arange(0, steps, every) if every else np.zeros(0, dtype=np.int64)

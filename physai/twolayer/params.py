@@ -1,4 +1,4 @@
-"""Activations, losses and parameterizations of two-layer networks (names and codes shared with the kernels).
+"""Activations, losses and parameterizations of two-layer networks (names and enums bound from the kernels).
 
 A parameterization fixes, as functions of the input dimension d and the width m:
 the init standard deviations of W and a, the scalar multipliers of the kernel contract
@@ -27,9 +27,25 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ACTIVATIONS = ("relu", "tanh", "gelu", "erf", "quadratic", "linear", "softplus")
-LOSSES = ("mse", "logistic", "cross_entropy")
+from physai._checks import check_choice
+from physai._native import _core
+
+# The kernels' enums (bound once, in csrc/bindings/twolayer.cpp); their member names are the names used everywhere.
+Activation = _core.twolayer.Activation
+Loss = _core.twolayer.Loss
+ACTIVATIONS = tuple(Activation.__members__)
+LOSSES = tuple(Loss.__members__)
 PARAMETERIZATIONS = ("standard", "ntk", "mean-field", "mup")
+
+
+def activation_code(name, argument: str = "activation") -> Activation:
+    """The kernels' ``Activation`` for a name of ``ACTIVATIONS``; ValueError/TypeError naming ``argument``."""
+    return Activation.__members__[check_choice(name, argument, ACTIVATIONS)]
+
+
+def loss_code(name, argument: str = "loss") -> Loss:
+    """The kernels' ``Loss`` for a name of ``LOSSES``; ValueError/TypeError naming ``argument``."""
+    return Loss.__members__[check_choice(name, argument, LOSSES)]
 
 
 @dataclass(frozen=True)

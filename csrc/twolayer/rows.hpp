@@ -1,0 +1,34 @@
+// The elementwise row kernels of the two-layer passes: the activation with its derivatives, the output layer with
+// the loss, and the chain rule back into the hidden layer, for a run of rows that is still in cache. Each is a
+// plain overload for float and double cloned for AVX-512 and AVX2/FMA (rows.cpp), around an always-inline template
+// in which the activation is a template parameter, so the loops have no branches and vectorise.
+#pragma once
+#include <cstdint>
+
+#include "twolayer/math.hpp"
+
+namespace physai::twolayer::detail {
+
+// S = sigma(Z + b) in place of Z, D1 = sigma'(...), D2 = sigma''(...) (when non-null), for rows x m values.
+void activate_rows(Activation act, int64_t rows, int64_t m, float* z, const float* b, float* D1, float* D2);
+void activate_rows(Activation act, int64_t rows, int64_t m, double* z, const double* b, double* D1, double* D2);
+
+// The output layer, one row at a time: F_r = os a S_r (k dot products), then the loss row, which writes G_r (already
+// scaled for the mean) and returns the row's loss into row_loss.
+void output_rows(Loss loss, int64_t rows, int64_t m, int64_t k, float os, const float* S, const float* a,
+                 const float* Y, float scale, float* F, float* G, float* row_loss);
+void output_rows(Loss loss, int64_t rows, int64_t m, int64_t k, double os, const double* S, const double* a,
+                 const double* Y, double scale, double* F, double* G, double* row_loss);
+
+// The chain rule through both layers, row by row: dS_r = os sum_j G_rj a_j, dZ_r = dS_r sigma'_r (dZ may be D1, to
+// write in place) and, when D2 is given, D2_r *= dS_r (the curvature term dS sigma'' of the Hessian).
+void backprop_rows(int64_t rows, int64_t m, int64_t k, float os, const float* G, const float* a, const float* D1,
+                   float* dZ, float* D2);
+void backprop_rows(int64_t rows, int64_t m, int64_t k, double os, const double* G, const double* a, const double* D1,
+                   double* dZ, double* D2);
+
+// Column sums of rows x m, added to out (in a fixed order, so bitwise reproducible): the bias gradient.
+void add_column_sums(const float* A, int64_t rows, int64_t m, float* out);
+void add_column_sums(const double* A, int64_t rows, int64_t m, double* out);
+
+}  // namespace physai::twolayer::detail
