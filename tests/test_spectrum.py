@@ -7,8 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import physai
-from physai.spectrum import DenseOperator, lanczos, power_iteration
+from physai.spectrum import DenseOperator, certified_top_k, lanczos, power_iteration
 from physai.spectrum import reference as ref
+
+
+def reference_krylov(matvec, batch, n, dtype, k, which, tol, max_matvecs, ncv, seed, v0):
+    """The numpy twin of the native Lanczos kernel, in the signature certified_top_k takes."""
+    return ref.lanczos(lambda V: np.asarray(matvec(V.astype(dtype)), np.float64), batch, n, k=k, which=which, tol=tol,
+                       max_matvecs=max_matvecs, ncv=ncv, seed=seed, v0=v0)
 
 
 def symmetric_batch(batch, n, seed, spectrum=None):
@@ -55,15 +61,15 @@ def assert_vectors_match(got, expected, atol):
 @pytest.mark.parametrize("k", [1, 4])
 def test_lanczos_matches_dense_eigh_and_reference(which, k):
     A = symmetric_batch(3, 60, seed=k)
-    result = lanczos(DenseOperator(A), k=k, which=which, tol=1e-10, max_iter=2000, ncv=12, seed=5)
+    result = lanczos(DenseOperator(A), k=k, which=which, tol=1e-10, max_matvecs=2000, ncv=12, seed=5)
     assert result.converged.all()
     values, vectors = dense_top(A, k, which)
     # residuals <= 1e-10 |theta|: values are off by ~residual^2 / gap, vectors by ~residual / gap (seen: 3e-15, 8e-11)
     np.testing.assert_allclose(result.values, values, rtol=1e-12)
     assert_vectors_match(result.vectors, vectors, atol=1e-8)
-    matvec = DenseOperator(A).matvec
-    r_values, r_vectors, r_counts, r_conv = ref.lanczos(matvec, 3, 60, k=k, which=which, tol=1e-10,
-                                                        max_matvecs=2000, ncv=12, seed=5)
+    r_values, r_vectors, r_counts, r_conv = certified_top_k(DenseOperator(A).matvec, 3, 60, np.dtype(np.float64),
+                                                            k=k, which=which, tol=1e-10, max_matvecs=2000, ncv=12,
+                                                            seed=5, krylov=reference_krylov)
     # Same algorithm and start vectors: only the order of the sums differs (seen: 5e-15 and 1e-13).
     np.testing.assert_allclose(result.values, r_values, rtol=5e-13)
     np.testing.assert_allclose(result.vectors, r_vectors, atol=1e-11)
@@ -74,9 +80,9 @@ def test_lanczos_matches_dense_eigh_and_reference(which, k):
 def test_lanczos_negative_eigenvalues_largest_magnitude():
     spectrum = np.r_[-10.0, -9.0, np.linspace(-1, 5, 38)]
     A = symmetric_batch(2, 40, seed=1, spectrum=spectrum)
-    lm = lanczos(DenseOperator(A), k=3, which="LM", tol=1e-10, max_iter=1000)
+    lm = lanczos(DenseOperator(A), k=3, which="LM", tol=1e-10, max_matvecs=1000)
     np.testing.assert_allclose(lm.values, [[-10, -9, 5]] * 2, rtol=1e-12)
-    la = lanczos(DenseOperator(A), k=2, which="LA", tol=1e-10, max_iter=1000)
+    la = lanczos(DenseOperator(A), k=2, which="LA", tol=1e-10, max_matvecs=1000)
     np.testing.assert_allclose(la.values[:, 0], 5, rtol=1e-12)
 
 
@@ -85,7 +91,7 @@ def test_lanczos_degenerate_and_clustered_spectrum():
     # the breakdown restart must find the others.
     spectrum = np.r_[3.0, 3.0, 3.0, 2.0 + 1e-4 * np.arange(5), np.linspace(-1, 1, 22)]
     A = symmetric_batch(2, 30, seed=2, spectrum=spectrum)
-    result = lanczos(DenseOperator(A), k=5, tol=1e-10, max_iter=3000, ncv=11)
+    result = lanczos(DenseOperator(A), k=5, tol=1e-10, max_matvecs=3000, ncv=11)
     assert result.converged.all()
     np.testing.assert_allclose(result.values, [[3, 3, 3, 2.0004, 2.0003]] * 2, rtol=1e-12)
     # the three returned top vectors span the eigenspace of 3
@@ -98,14 +104,14 @@ def test_lanczos_degenerate_and_clustered_spectrum():
 
 def test_full_space_and_k_equal_n():
     A = symmetric_batch(1, 6, seed=3)
-    result = lanczos(DenseOperator(A), k=6, tol=1e-12, max_iter=100)
+    result = lanczos(DenseOperator(A), k=6, tol=1e-12, max_matvecs=100)
     np.testing.assert_allclose(result.values[0], np.sort(np.linalg.eigvalsh(A[0]))[::-1], rtol=1e-10, atol=1e-12)
 
 
 def test_power_iteration_matches_dense_and_reference():
     spectrum = np.r_[-6.0, 4.0, np.linspace(-3, 3, 28)]
     A = symmetric_batch(3, 30, seed=4, spectrum=spectrum)
-    result = power_iteration(DenseOperator(A), tol=1e-8, max_iter=5000, seed=9)
+    result = power_iteration(DenseOperator(A), tol=1e-8, max_matvecs=5000, seed=9)
     assert result.converged.all()
     np.testing.assert_allclose(result.values[:, 0], -6.0, rtol=1e-10)
     r = ref.power_iteration(DenseOperator(A).matvec, 3, 30, tol=1e-8, max_matvecs=5000, seed=9)
@@ -119,8 +125,8 @@ def test_power_iteration_matches_dense_and_reference():
 def test_lanczos_needs_fewer_matvecs_than_power_iteration():
     spectrum = np.r_[10.0, 9.5, np.linspace(0, 9, 198)]
     A = symmetric_batch(1, 200, seed=6, spectrum=spectrum)
-    lz = lanczos(DenseOperator(A), tol=1e-6, max_iter=5000)
-    pw = power_iteration(DenseOperator(A), tol=1e-6, max_iter=5000)
+    lz = lanczos(DenseOperator(A), tol=1e-6, max_matvecs=5000)
+    pw = power_iteration(DenseOperator(A), tol=1e-6, max_matvecs=5000)
     assert lz.converged.all() and pw.converged.all()
     # tol 1e-6 leaves values off by ~(1e-6 * 10)^2 / 0.5 = 2e-10 (seen: 2e-11)
     np.testing.assert_allclose(lz.values, pw.values, rtol=1e-9)
@@ -130,10 +136,10 @@ def test_lanczos_needs_fewer_matvecs_than_power_iteration():
 
 def test_warm_start_costs_few_matvecs():
     A = symmetric_batch(2, 100, seed=7)
-    cold = lanczos(DenseOperator(A), tol=1e-8, max_iter=1000)
+    cold = lanczos(DenseOperator(A), tol=1e-8, max_matvecs=1000)
     B = A + 1e-4 * symmetric_batch(2, 100, seed=8)
-    warm = lanczos(DenseOperator(B), tol=1e-8, max_iter=1000, v0=cold.vectors[:, 0])
-    recold = lanczos(DenseOperator(B), tol=1e-8, max_iter=1000)
+    warm = lanczos(DenseOperator(B), tol=1e-8, max_matvecs=1000, v0=cold.vectors[:, 0])
+    recold = lanczos(DenseOperator(B), tol=1e-8, max_matvecs=1000)
     np.testing.assert_allclose(warm.values, recold.values, rtol=1e-12)
     assert (warm.matvecs < recold.matvecs).all()
 
@@ -143,15 +149,15 @@ def test_members_converge_independently():
     hard = symmetric_batch(1, 50, seed=10)[0]
     # A shared v0: random starts come from the member's index, which differs between the two calls.
     v0 = np.random.default_rng(10).standard_normal((2, 50))
-    result = lanczos(DenseOperator(np.stack([easy, hard])), tol=1e-10, max_iter=1000, v0=v0)
+    result = lanczos(DenseOperator(np.stack([easy, hard])), tol=1e-10, max_matvecs=1000, v0=v0)
     assert result.matvecs[0] < result.matvecs[1]
-    single = lanczos(DenseOperator(hard), tol=1e-10, max_iter=1000, v0=v0[1])
+    single = lanczos(DenseOperator(hard), tol=1e-10, max_matvecs=1000, v0=v0[1])
     # Members never share work, so the hard member computes exactly what it computes alone.
     for field in ("values", "vectors", "matvecs", "converged"):
         np.testing.assert_array_equal(getattr(single, field)[0], getattr(result, field)[1])
 
 
-@pytest.mark.parametrize("solve", [partial(lanczos, k=2, max_iter=500), partial(power_iteration, max_iter=2000)],
+@pytest.mark.parametrize("solve", [partial(lanczos, k=2, max_matvecs=500), partial(power_iteration, max_matvecs=2000)],
                          ids=["lanczos", "power_iteration"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 # 4 x 8192 values reach the solver's threshold for threads (kParallelValues = 1 << 14 in
@@ -171,8 +177,8 @@ def test_same_bits_whatever_thread_count(solve, dtype, n):
 
 def test_float32_close_to_float64():
     A = symmetric_batch(2, 50, seed=12)
-    r64 = lanczos(DenseOperator(A), k=2, tol=1e-6, max_iter=1000)
-    r32 = lanczos(DenseOperator(A.astype(np.float32)), k=2, tol=1e-5, max_iter=1000)
+    r64 = lanczos(DenseOperator(A), k=2, tol=1e-6, max_matvecs=1000)
+    r32 = lanczos(DenseOperator(A.astype(np.float32)), k=2, tol=1e-5, max_matvecs=1000)
     assert r32.values.dtype == np.float32
     # float32 rounding of the matvecs dominates (seen: 7e-8)
     np.testing.assert_allclose(r32.values, r64.values, rtol=1e-5)
@@ -191,7 +197,7 @@ def test_reference_matches_dense_eigh():
 def test_native_start_vectors_match_reference_stream():
     A = np.diag(np.arange(1.0, 9.0))
     # one matvec: the Rayleigh quotient of the start vector
-    result = power_iteration(DenseOperator(A), tol=1e-12, max_iter=1, seed=42)
+    result = power_iteration(DenseOperator(A), tol=1e-12, max_matvecs=1, seed=42)
     x = ref.start_vectors(42, 1, 8)[0]
     x /= np.linalg.norm(x)
     np.testing.assert_allclose(result.values[0, 0], x @ A @ x, rtol=1e-14)
@@ -214,9 +220,9 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="tol"):
         power_iteration(op, tol=-1.0)
     with pytest.raises(ValueError, match="which"):
-        lanczos(op, which="SA")
-    with pytest.raises(ValueError, match="max_iter"):
-        lanczos(op, k=3, max_iter=2)
+        lanczos(op, which="SM")
+    with pytest.raises(ValueError, match="max_matvecs"):
+        lanczos(op, k=3, max_matvecs=2)
     with pytest.raises(ValueError, match="ncv"):
         lanczos(DenseOperator(np.eye(10)), k=3, ncv=3)
     with pytest.raises(ValueError, match="v0"):
@@ -244,25 +250,25 @@ def test_lanczos_any_small_problem(n, k, batch, which, seed):
         with pytest.raises(ValueError, match="k"):
             lanczos(DenseOperator(A), k=k, which=which, seed=seed)
         return
-    result = lanczos(DenseOperator(A), k=k, which=which, tol=1e-9, max_iter=2000, seed=seed)
+    result = lanczos(DenseOperator(A), k=k, which=which, tol=1e-9, max_matvecs=2000, seed=seed)
     assert result.converged.all()
     np.testing.assert_allclose(result.values, dense_top(A, k, which)[0], rtol=1e-7, atol=1e-9)
 
 
 @settings(max_examples=30, deadline=None)
-@given(tol=st.floats(allow_nan=True, allow_infinity=True), max_iter=st.integers(-3, 3),
+@given(tol=st.floats(allow_nan=True, allow_infinity=True), max_matvecs=st.integers(-3, 3),
        seed=st.integers(-5, 2**64 + 5))
-def test_power_iteration_argument_boundaries(tol, max_iter, seed):
+def test_power_iteration_argument_boundaries(tol, max_matvecs, seed):
     op = DenseOperator(np.diag([3.0, 1.0, 0.5]))
     # in the order power_iteration checks them: the error names the first bad one
-    bad = [name for name, ok in (("tol", np.isfinite(tol) and tol > 0), ("max_iter", max_iter >= 1),
+    bad = [name for name, ok in (("tol", np.isfinite(tol) and tol > 0), ("max_matvecs", max_matvecs >= 1),
                                  ("seed", 0 <= seed < 2**64)) if not ok]
     if bad:
         with pytest.raises(ValueError, match=rf"^{bad[0]}\b"):
-            power_iteration(op, tol=tol, max_iter=max_iter, seed=seed)
+            power_iteration(op, tol=tol, max_matvecs=max_matvecs, seed=seed)
         return
-    result = power_iteration(op, tol=tol, max_iter=max_iter, seed=seed)
-    assert result.matvecs[0] <= max_iter
+    result = power_iteration(op, tol=tol, max_matvecs=max_matvecs, seed=seed)
+    assert result.matvecs[0] <= max_matvecs
     assert abs(result.values[0, 0]) <= 3.0 + 1e-12
 
 
@@ -271,9 +277,9 @@ EDGE_A = np.diag([3.0, 1.0, 0.5, 0.25])
 EDGE_OP = DenseOperator(EDGE_A)
 SOLVERS = {"lanczos": lanczos, "power_iteration": power_iteration}
 COMMON_VALID = [dict(seed=0), dict(seed=2**64 - 1), dict(seed=np.uint64(2**64 - 1)), dict(tol=5e-324),
-                dict(tol=1e308), dict(tol=np.float32(1e-3)), dict(max_iter=1), dict(max_iter=2**63 - 1),
+                dict(tol=1e308), dict(tol=np.float32(1e-3)), dict(max_matvecs=1), dict(max_matvecs=2**63 - 1),
                 dict(v0=[1, 0, 0, 0]), dict(v0=np.ones((1, 4), np.float32)), dict(v0=np.arange(4))]
-LANCZOS_VALID = [dict(k=4), dict(k=2, max_iter=2), dict(k=4, max_iter=4), dict(k=1, ncv=2), dict(k=3, ncv=4),
+LANCZOS_VALID = [dict(k=4), dict(k=2, max_matvecs=2), dict(k=4, max_matvecs=4), dict(k=1, ncv=2), dict(k=3, ncv=4),
                  dict(k=4, ncv=4), dict(k=np.int64(2)), dict(which="LM")]
 
 
@@ -283,7 +289,7 @@ def test_argument_edges_that_are_valid_run(solver, kwargs):
     result = SOLVERS[solver](EDGE_OP, **kwargs)
     k = kwargs.get("k", 1)
     assert result.values.shape == (1, k) and result.vectors.shape == (1, k, 4)
-    assert 1 <= result.matvecs[0] <= kwargs.get("max_iter", 10000)
+    assert 1 <= result.matvecs[0] <= kwargs.get("max_matvecs", 10000)
     np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=-1), 1, rtol=1e-6)
     if result.converged[0]:
         # What "converged" promises, plus rounding: with tol = 5e-324 only an exact invariant subspace qualifies.
@@ -308,8 +314,8 @@ COMMON_INVALID = [
     (dict(tol=np.inf), ValueError, "tol"), (dict(tol=-np.inf), ValueError, "tol"),
     (dict(tol=np.nan), ValueError, "tol"),
     (dict(tol=True), TypeError, "tol"), (dict(tol="1e-3"), TypeError, "tol"),
-    (dict(max_iter=0), ValueError, "max_iter"), (dict(max_iter=-1), ValueError, "max_iter"),
-    (dict(max_iter=1.0), TypeError, "max_iter"),
+    (dict(max_matvecs=0), ValueError, "max_matvecs"), (dict(max_matvecs=-1), ValueError, "max_matvecs"),
+    (dict(max_matvecs=1.0), TypeError, "max_matvecs"),
     (dict(v0=np.ones(3)), ValueError, "v0"), (dict(v0=np.ones(5)), ValueError, "v0"),
     (dict(v0=np.ones((2, 4))), ValueError, "v0"), (dict(v0=np.ones((1, 1, 4))), ValueError, "v0"),
     (dict(v0=1.0), ValueError, "v0"), (dict(v0=np.zeros(4)), ValueError, "v0"),
@@ -318,8 +324,8 @@ COMMON_INVALID = [
 ]
 LANCZOS_INVALID = [
     (dict(k=0), ValueError, "k"), (dict(k=-1), ValueError, "k"), (dict(k=5), ValueError, "k"),
-    (dict(k=1.0), TypeError, "k"), (dict(k=2, max_iter=1), ValueError, "max_iter"),
-    (dict(k=4, max_iter=3), ValueError, "max_iter"), (dict(ncv=0), ValueError, "ncv"),
+    (dict(k=1.0), TypeError, "k"), (dict(k=2, max_matvecs=1), ValueError, "max_matvecs"),
+    (dict(k=4, max_matvecs=3), ValueError, "max_matvecs"), (dict(ncv=0), ValueError, "ncv"),
     (dict(ncv=-1), ValueError, "ncv"), (dict(k=1, ncv=1), ValueError, "ncv"), (dict(k=3, ncv=3), ValueError, "ncv"),
     (dict(ncv=5), ValueError, "ncv"), (dict(ncv=2.0), TypeError, "ncv"), (dict(which="la"), ValueError, "which"),
     (dict(which=None), TypeError, "which"),
@@ -336,9 +342,9 @@ def test_argument_edges_that_are_invalid_raise_naming_the_argument(solver, kwarg
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
-def test_max_iter_beyond_int64_is_refused_by_name(solver):
-    with pytest.raises(ValueError, match="^max_iter: expected an integer <= 9223372036854775807"):
-        SOLVERS[solver](EDGE_OP, max_iter=2**63)
+def test_max_matvecs_beyond_int64_is_refused_by_name(solver):
+    with pytest.raises(ValueError, match="^max_matvecs: expected an integer <= 9223372036854775807"):
+        SOLVERS[solver](EDGE_OP, max_matvecs=2**63)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -369,7 +375,8 @@ def test_a_repeated_top_eigenvalue_is_found_as_often_as_it_occurs():
     result = lanczos(DenseOperator(A), k=2)
     np.testing.assert_allclose(result.values[0], [5.0, 5.0], rtol=1e-12)
     assert result.converged.all()
-    values, _, counts, _ = ref.lanczos(DenseOperator(A).matvec, 1, 40, k=2, which="LA", tol=1e-6, max_matvecs=1000)
+    values, _, counts, _ = certified_top_k(DenseOperator(A).matvec, 1, 40, np.dtype(np.float64), k=2, which="LA",
+                                           tol=1e-6, max_matvecs=1000, krylov=reference_krylov)
     np.testing.assert_allclose(values, result.values, rtol=1e-12)
     np.testing.assert_array_equal(counts, result.matvecs)
 
@@ -403,3 +410,117 @@ def test_dense_operator_refuses_non_symmetric_matrices():
     nearly = np.eye(3)
     nearly[0, 1] = 1e-30  # asymmetric by far less than the matrix's scale: rounding, accepted
     DenseOperator(nearly)
+
+
+def kronecker_hessian(outputs, d, n, seed, dtype=np.float64):
+    """I_k (x) (2 / (k n)) X^T X: the Hessian of ((Linear(d, k, bias=False)(x) - t)**2).mean() over n samples,
+    every eigenvalue exactly `outputs` times."""
+    X = np.random.default_rng(seed).standard_normal((n, d))
+    return np.kron(np.eye(outputs), 2 / (outputs * n) * X.T @ X).astype(dtype)
+
+
+def dense_with_multiplicities(n, top, copies, seed):
+    """Random eigenvectors; the top values each repeated `copies` times, the rest spread below them."""
+    spectrum = np.r_[np.repeat(top, copies), np.linspace(-1, 0.5 * min(top), n - copies * len(top))]
+    return symmetric_batch(2, n, seed, spectrum)
+
+
+MULTIPLICITY_CASES = [
+    pytest.param(lambda dtype: kronecker_hessian(3, 10, 400, 0, dtype)[None], 3, id="kronecker-3"),
+    pytest.param(lambda dtype: kronecker_hessian(2, 12, 300, 1, dtype)[None], 2, id="kronecker-2"),
+    pytest.param(lambda dtype: dense_with_multiplicities(40, [4.0, 3.0], 3, 2).astype(dtype), 3, id="dense-3"),
+    pytest.param(lambda dtype: dense_with_multiplicities(40, [4.0, 3.0], 2, 3).astype(dtype), 2, id="dense-2"),
+]
+
+
+@pytest.mark.parametrize("make,copies", MULTIPLICITY_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("which", ["LA", "SA", "LM", "BE"])
+def test_every_copy_of_a_repeated_eigenvalue_is_found(make, copies, dtype, which):
+    A = make(dtype)
+    k = 2 * copies + 1  # cuts into the third group for LA: the certification has to compare across groups
+    tol = 1e-5 if dtype == np.float32 else 1e-10
+    result = lanczos(DenseOperator(A), k=k, which=which, tol=tol, max_matvecs=5000)
+    assert result.converged.all()
+    exact = np.linalg.eigvalsh(A.astype(np.float64))
+    if which == "BE":
+        top, bottom = (k + 1) // 2, k // 2
+        expected = np.concatenate([exact[:, ::-1][:, :top], exact[:, :bottom]], axis=1)
+    else:
+        expected = dense_top(A.astype(np.float64), k, which)[0] if which != "SA" else exact[:, :k]
+    # a converged pair has residual <= tol |theta|; its value is off by at most that much (Weyl)
+    np.testing.assert_allclose(result.values, expected, rtol=3 * tol, atol=3 * tol * np.abs(exact).max())
+    for b in range(len(A)):
+        Y = result.vectors[b].astype(np.float64)
+        # the copies are distinct directions: the returned vectors are orthonormal
+        np.testing.assert_allclose(Y @ Y.T, np.eye(k), atol=30 * tol)
+
+
+def test_the_issue_example_float32_kronecker_top_3():
+    # torch.nn.Linear(10, 3, bias=False), mean squared error over 400 samples: a triple top eigenvalue, which a
+    # single Krylov run in float32 reported as [l1, l1, l2] with converged=True.
+    A = kronecker_hessian(3, 10, 400, 0, np.float32)
+    result = lanczos(DenseOperator(A), k=3, tol=1e-5)
+    top = np.linalg.eigvalsh(A.astype(np.float64))[-1]
+    assert result.converged.all()
+    np.testing.assert_allclose(result.values[0], [top] * 3, rtol=3e-5)
+
+
+def test_convergence_is_not_claimed_when_the_budget_cannot_certify():
+    A = dense_with_multiplicities(60, [4.0], 3, 4)
+    first = lanczos(DenseOperator(A), k=3, tol=1e-10, max_matvecs=5000)
+    assert first.converged.all()
+    # exactly the first run's cost leaves nothing for the search of the complement: not certified
+    starved = lanczos(DenseOperator(A[:1]), k=3, tol=1e-10, max_matvecs=int(first.matvecs[0]) - 1)
+    assert not starved.converged.any()
+
+
+def test_certification_catches_what_a_single_krylov_run_misses():
+    # A Krylov solver that, like a single-vector method in rounding, returns the top eigenvalue once and then the
+    # next distinct one: the search of the complement has to find the second copy.
+    A = np.diag(np.r_[5.0, 5.0, 4.0, np.linspace(0, 3, 17)])
+
+    def missing_a_copy(matvec, batch, n, dtype, k, which, tol, max_matvecs, ncv, seed, v0):
+        if k == 1:
+            return reference_krylov(matvec, batch, n, dtype, k, which, tol, max_matvecs, ncv, seed, v0)
+        vectors = np.eye(n)[[0, 2]][None]
+        return np.array([[5.0, 4.0]]), vectors, np.array([10]), np.array([True])
+
+    values, vectors, counts, converged = certified_top_k(DenseOperator(A).matvec, 1, 20, np.dtype(np.float64), k=2,
+                                                         which="LA", tol=1e-10, max_matvecs=1000,
+                                                         krylov=missing_a_copy)
+    np.testing.assert_allclose(values, [[5.0, 5.0]], rtol=1e-12)
+    assert converged.all() and counts[0] > 10
+    np.testing.assert_allclose(np.abs(vectors[0] @ np.eye(20)[[0, 1]].T).sum(1), 1, atol=1e-8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(multiplicities=st.lists(st.integers(1, 3), min_size=2, max_size=5), k=st.integers(2, 7),
+       which=st.sampled_from(["LA", "SA", "LM", "BE"]), seed=st.integers(0, 2**32))
+def test_certified_top_k_on_any_pattern_of_repeated_eigenvalues(multiplicities, k, which, seed):
+    # distinct levels 1, 2, 3, ... (alternating sign, so LM and SA differ from LA), each repeated 1-3 times, then a
+    # tail of small distinct values, no two of one magnitude (LM has no ties to break); random eigenvectors
+    levels = np.repeat([(j + 2.0) * (-1) ** j for j in range(len(multiplicities))], multiplicities)
+    spectrum = np.r_[levels, np.linspace(-0.5, 0.45, 24)]
+    n = len(spectrum)
+    A = symmetric_batch(1, n, seed % 1000, spectrum)
+    result = lanczos(DenseOperator(A), k=k, which=which, tol=1e-10, max_matvecs=20000, seed=seed)
+    assert result.converged.all()
+    exact = np.linalg.eigvalsh(A[0])
+    if which == "BE":
+        expected = np.r_[exact[::-1][:(k + 1) // 2], exact[:k // 2]]
+    elif which == "SA":
+        expected = exact[:k]
+    else:
+        expected = dense_top(A, k, which)[0][0]
+    np.testing.assert_allclose(result.values[0], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_spectrum_never_imports_twolayer_or_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, physai.spectrum, physai.spectrum.ntk, physai.spectrum.eigensolvers; "
+            "print(sorted(m for m in sys.modules if m.startswith('physai.twolayer') or m == 'torch'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -4,7 +4,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from physai.spectrum import HessianOperator, hessian_density, hessian_eigs, hessian_trace  # noqa: E402
+from physai.spectrum import TorchHessian, hessian_density, hessian_eigs, hessian_trace  # noqa: E402
 
 
 def small_mlp(dtype=torch.float64, seed=0, dropout=0.0):
@@ -62,19 +62,22 @@ def test_hessian_eigs_match_dense_eigh(which):
         np.testing.assert_allclose(got, np.sign(got @ expected) * expected, atol=5e-9)
 
 
-def test_forward_over_reverse_and_fallback_agree():
+@pytest.mark.parametrize("cache_graphs", [True, False])
+@pytest.mark.parametrize("loss_fn", [mse, squared_error], ids=["mse_loss", "written-out"])
+def test_hvp_matches_the_dense_hessian(loss_fn, cache_graphs):
+    # torch's mse_loss has no forward-mode derivative of its backward: reverse-over-reverse serves every loss
     model, X, y = small_mlp(seed=7)
-    forward = HessianOperator(model, squared_error, (X, y))
-    fallback = HessianOperator(model, mse, (X, y))
-    v = np.random.default_rng(1).standard_normal((1, forward.n))
-    np.testing.assert_allclose(forward.matvec(v), fallback.matvec(v), rtol=1e-12, atol=1e-13)
-    assert forward.forward_over_reverse
+    op = TorchHessian(model, loss_fn, (X, y), cache_graphs=cache_graphs)
+    V = np.random.default_rng(1).standard_normal((2, op.n))
+    H = dense_hessian(model, mse, X, y)
+    for v in V:  # the cached graph serves more than one product
+        np.testing.assert_allclose(op.matvec(v[None])[0], H @ v, rtol=1e-12, atol=1e-13)
 
 
 def test_power_and_lanczos_agree_and_count_hvps():
     model, X, y = small_mlp(seed=1)
     lz = hessian_eigs(model, mse, (X, y), method="lanczos", which="LM", tol=1e-8)
-    pw = hessian_eigs(model, mse, (X, y), method="power", tol=1e-8, max_iter=20000)
+    pw = hessian_eigs(model, mse, (X, y), method="power", tol=1e-8, max_matvecs=20000)
     np.testing.assert_allclose(lz.values[0, 0], pw.values[0, 0], rtol=1e-12)
     print(f"HVPs to tol 1e-8: lanczos {lz.matvecs[0]}, power {pw.matvecs[0]}")
     assert lz.matvecs[0] < pw.matvecs[0]
@@ -82,9 +85,9 @@ def test_power_and_lanczos_agree_and_count_hvps():
 
 def test_dataloader_accumulates_the_full_dataset_hessian():
     model, X, y = small_mlp(seed=2)
-    full = HessianOperator(model, mse, (X, y))
+    full = TorchHessian(model, mse, (X, y))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=16)  # 16+16+8
-    batched = HessianOperator(model, mse, loader)
+    batched = TorchHessian(model, mse, loader)
     v = np.random.default_rng(0).standard_normal((1, full.n))
     np.testing.assert_allclose(batched.matvec(v), full.matvec(v), rtol=1e-12, atol=1e-13)
     H = dense_hessian(model, mse, X, y)
@@ -109,10 +112,13 @@ def test_model_mode_is_respected():
     assert not model.training
     np.testing.assert_allclose(result.values[0, 0], np.linalg.eigvalsh(H)[-1], rtol=1e-12)
     model.train()
-    op = HessianOperator(model, mse, (X, y))
-    v = np.ones((1, op.n))
-    # dropout active: two HVPs see different masks, and the model stays in train mode
-    assert not np.allclose(op.matvec(v), op.matvec(v))
+    v = np.ones((1, sum(p.numel() for p in model.parameters())))
+    # dropout active: a cached graph keeps its mask, so the operator is one fixed symmetric matrix...
+    cached = TorchHessian(model, mse, (X, y))
+    np.testing.assert_array_equal(cached.matvec(v), cached.matvec(v))
+    # ...while re-evaluating draws new masks; the model stays in train mode
+    fresh = TorchHessian(model, mse, (X, y), cache_graphs=False)
+    assert not np.allclose(fresh.matvec(v), fresh.matvec(v))
     assert model.training
 
 
@@ -143,7 +149,7 @@ def test_trace_error_bars_match_the_spread_and_hutchpp_wins_on_a_decaying_spectr
     hvps = 0
 
     def counted_loss(output, target):
-        # one call per HVP: forward-over-reverse evaluates the loss once per product
+        # one call per HVP when each product re-evaluates the loss (cache_graphs=False)
         nonlocal hvps
         hvps += 1
         return squared_error(output, target)
@@ -153,7 +159,7 @@ def test_trace_error_bars_match_the_spread_and_hutchpp_wins_on_a_decaying_spectr
     for method in ("hutchinson", "hutch++"):
         hvps = 0
         runs[method] = np.array([hessian_trace(model, counted_loss, (X, y), method=method, num_samples=budget,
-                                               seed=seed) for seed in seeds])
+                                               seed=seed, cache_graphs=False) for seed in seeds])
         assert hvps == budget * len(seeds), method
         estimates, errors = runs[method].T
         spread = estimates.std(ddof=1)
@@ -188,18 +194,36 @@ def test_slq_density_integrates_to_one_and_matches_moments():
 def test_bad_input():
     model, X, y = small_mlp()
     n = sum(p.numel() for p in model.parameters())
-    with pytest.raises(ValueError, match="k: expected at most the number of trainable parameters"):
+    with pytest.raises(ValueError, match="k: expected at most the number of parameters differentiated"):
         hessian_eigs(model, mse, (X, y), k=n + 1)
     with pytest.raises(ValueError, match="tol"):
         hessian_eigs(model, mse, (X, y), tol=0)
     with pytest.raises(ValueError, match="data"):
         hessian_eigs(model, mse, [])
-    with pytest.raises(TypeError, match="loss_fn: expected a callable"):
+    with pytest.raises(TypeError, match="loss_fn: expected a callable.*hessian_operator"):
         hessian_eigs(model, "mse", (X, y))
     with pytest.raises(TypeError, match="data: .* got one tensor"):
         hessian_eigs(model, mse, X)
     with pytest.raises(ValueError, match="data: each batch must be an .inputs, targets. pair"):
         hessian_eigs(model, mse, (X, y, y))
+    with pytest.raises(ValueError, match="loss_form"):
+        hessian_eigs(model, mse, (X, y), loss_form="batch")
+    with pytest.raises(ValueError, match="reduction"):
+        hessian_eigs(model, mse, (X, y), reduction="none")
+    with pytest.raises(TypeError, match="batch_size"):
+        hessian_eigs(model, mse, (X, y), batch_size=16)
+    with pytest.raises(ValueError, match="params: expected parameters of model"):
+        hessian_eigs(model, mse, (X, y), params=[torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match="params: expected parameters of model"):
+        hessian_eigs(model, mse, (X, y), params=["no.such"])
+    with pytest.raises(ValueError, match="params: expected at least one"):
+        hessian_eigs(model, mse, (X, y), params=[])
+    with pytest.raises(TypeError, match="params"):
+        hessian_eigs(model, mse, (X, y), params=3)
+    with pytest.raises(ValueError, match="which"):
+        hessian_eigs(model, mse, (X, y), which="SA", method="power")
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        hessian_eigs(lambda x: x, mse, (X, y))
     with pytest.raises(ValueError, match="method"):
         hessian_eigs(model, mse, (X, y), method="arnoldi")
     with pytest.raises(ValueError, match="k"):

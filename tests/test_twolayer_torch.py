@@ -185,3 +185,95 @@ def test_training_loop_with_the_module_learns():
         first = first if first is not None else loss.item()
     assert loss.item() < 0.7 * first
     assert np.isfinite(loss.item())
+
+
+def composed_model(dtype=torch.float64, activation="tanh", bias=True, seed=0):
+    """Sequential(TwoLayerModule, Tanh, Linear) and the same network in plain torch layers."""
+    torch.manual_seed(seed)
+    fused = TwoLayerModule(3, 5, 2, activation, bias=bias, dtype=dtype)
+    model = torch.nn.Sequential(fused, torch.nn.Tanh(), torch.nn.Linear(2, 1, dtype=dtype))
+    first, second = torch.nn.Linear(3, 5, bias=bias, dtype=dtype), torch.nn.Linear(5, 2, bias=False, dtype=dtype)
+    plain = torch.nn.Sequential(first, torch.nn.Tanh() if activation == "tanh" else torch.nn.ReLU(), second,
+                                torch.nn.Tanh(), torch.nn.Linear(2, 1, dtype=dtype))
+    with torch.no_grad():
+        first.weight.copy_(fused.W)
+        if bias:
+            first.bias.copy_(fused.b)
+        second.weight.copy_(fused.a)
+        plain[4].weight.copy_(model[2].weight)
+        plain[4].bias.copy_(model[2].bias)
+    return model, plain
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_module_inside_a_larger_model_has_the_dense_hessian(bias):
+    from physai.spectrum import hessian_eigs
+
+    model, plain = composed_model(bias=bias)
+    X, y = torch.randn(30, 3, dtype=torch.float64), torch.randn(30, 1, dtype=torch.float64)
+    mse = torch.nn.functional.mse_loss
+    params = [p.detach() for p in plain.parameters()]
+    sizes = [p.numel() for p in params]
+
+    def loss(flat):
+        chunks = dict(zip([n for n, _ in plain.named_parameters()], (c.view_as(p) for c, p in zip(flat.split(sizes),
+                                                                                                   params))))
+        return mse(torch.func.functional_call(plain, chunks, (X,)), y)
+
+    exact = np.linalg.eigvalsh(torch.autograd.functional.hessian(loss, torch.cat([p.reshape(-1) for p in params])))
+    result = hessian_eigs(model, mse, (X, y), k=3, which="BE", tol=1e-10)
+    np.testing.assert_allclose(result.values[0], np.r_[exact[::-1][:2], exact[:1]], rtol=1e-9)
+
+
+def test_fused_function_gradcheck_gradgradcheck_and_forward_mode():
+    torch.manual_seed(1)
+    W, b, a = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((4, 3), (4,), (2, 4)))
+    X = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    f = lambda X, W, b, a: two_layer(X, W, b, a, activation="gelu", input_scale=0.7, output_scale=1.3)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (X, W, b, a))
+    assert torch.autograd.gradgradcheck(f, (X, W, b, a))
+    assert torch.autograd.gradcheck(f, (X, W, b, a), check_forward_ad=True, check_backward_ad=False,
+                                    check_batched_grad=False)
+
+
+def test_fused_function_under_torch_func_transforms():
+    from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+    torch.manual_seed(2)
+    module = TwoLayerModule(3, 6, 2, "tanh", dtype=torch.float64)
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    reference = lambda p, x: torch_reference(x, p["W"], p["b"], p["a"], activation="tanh")  # noqa: E731
+    fused = lambda p, x: functional_call(module, p, (x,))  # noqa: E731
+    X = torch.randn(2, 4, 3, dtype=torch.float64)  # leading dimensions, as nn.Linear takes them
+    torch.testing.assert_close(fused(params, X), reference(params, X), rtol=1e-12, atol=1e-12)
+    # vmap over inputs, over parameters (a native ensemble), and over both
+    torch.testing.assert_close(vmap(fused, (None, 0))(params, X), reference(params, X))
+    stacked = {name: torch.stack([p, 2 * p]) for name, p in params.items()}
+    expected = torch.stack([reference({n: s[i] for n, s in stacked.items()}, X[i]) for i in range(2)])
+    torch.testing.assert_close(vmap(fused)(stacked, X), expected)
+    shared_input = torch.stack([reference({n: s[i] for n, s in stacked.items()}, X[0]) for i in range(2)])
+    torch.testing.assert_close(vmap(fused, (0, None))(stacked, X[0]), shared_input)
+    # grad, forward-over-reverse and Jacobians agree with the torch-op network
+    scalar = lambda f: lambda p: (f(p, X) ** 2).sum()  # noqa: E731
+    tangent = {name: torch.randn_like(p) for name, p in params.items()}
+    for got, want in ((grad(scalar(fused))(params), grad(scalar(reference))(params)),
+                      (jvp(grad(scalar(fused)), (params,), (tangent,))[1],
+                       jvp(grad(scalar(reference)), (params,), (tangent,))[1]),
+                      (jacrev(fused)(params, X), jacrev(reference)(params, X))):
+        for name in params:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12)
+
+
+def test_fused_loss_forward_over_reverse_is_the_native_hvp():
+    from torch.func import grad, jvp
+
+    torch.manual_seed(3)
+    X, Y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+    W, b, a = (torch.randn(*shape, dtype=torch.float64) for shape in ((5, 3), (5,), (2, 5)))
+    tangents = tuple(torch.randn_like(t) for t in (W, b, a))
+    fused = lambda W, b, a: two_layer_loss(X, Y, W, b, a, activation="tanh")  # noqa: E731
+    plain = lambda W, b, a: torch_loss(torch_reference(X, W, b, a, activation="tanh"), Y)  # noqa: E731
+    got = jvp(grad(fused, argnums=(0, 1, 2)), (W, b, a), tangents)[1]
+    want = jvp(grad(plain, argnums=(0, 1, 2)), (W, b, a), tangents)[1]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-12)

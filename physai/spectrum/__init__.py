@@ -1,6 +1,9 @@
-"""Hessian spectra: batched native eigensolvers over any matvec, and Hessian tools for any torch model."""
-from physai.spectrum.eigensolvers import DenseOperator, EigenResult, lanczos, power_iteration
-from physai.spectrum.torch_model import HessianOperator, hessian_density, hessian_eigs, hessian_trace
+"""Hessian and NTK spectra: batched native eigensolvers over any matvec, Hessian tools for any torch model, and
+the empirical neural tangent kernel of any torch model."""
+from physai.spectrum.eigensolvers import DenseOperator, EigenResult, certified_top_k, lanczos, power_iteration
+from physai.spectrum.ntk import TorchNTK, ntk_eigs, ntk_gram
+from physai.spectrum.torch_model import (TorchHessian, hessian_density, hessian_eigs, hessian_operator,
+                                         hessian_trace)
 
-__all__ = ["DenseOperator", "EigenResult", "HessianOperator", "hessian_density", "hessian_eigs", "hessian_trace",
-           "lanczos", "power_iteration"]
+__all__ = ["DenseOperator", "EigenResult", "TorchHessian", "TorchNTK", "certified_top_k", "hessian_density",
+           "hessian_eigs", "hessian_operator", "hessian_trace", "lanczos", "ntk_eigs", "ntk_gram", "power_iteration"]

@@ -2,31 +2,43 @@
 
 An operator is any object with ``shape`` ``(batch, n, n)`` (or ``(n, n)`` for batch 1), a ``dtype``
 (float32 or float64) and ``matvec(V)`` mapping a [batch, n] array of that dtype to a [batch, n] array: row b
-is member b's operator applied to V[b]. Each member gets its own spectrum. The solvers run natively
-(csrc/spectrum/) with the GIL released; it is re-acquired only to call ``matvec``.
+is member b's operator applied to V[b] (the protocol of ``scipy.sparse.linalg.aslinearoperator``, with a batch).
+Each member gets its own spectrum. The Krylov solvers run natively (csrc/spectrum/) with the GIL released; it is
+re-acquired only to call ``matvec``. :func:`lanczos` adds, in Python, the search of the complement that makes
+top-k safe under repeated eigenvalues (see its docstring).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from physai import _native
 from physai._checks import MAX_INT64, check_choice, check_dtype, check_float, check_int, check_seed, check_v0
+from physai.spectrum.reference import wanted_order
 
+WHICH = ("LA", "SA", "LM", "BE")
 
 @dataclass
 class EigenResult:
     """Eigenpairs of each batch member, most wanted first.
 
     values: [batch, k] (operator dtype); vectors: [batch, k, n] unit-norm, sign fixed so the largest-magnitude
-    entry is positive; matvecs: [batch] int64, matvecs spent on each member; converged: [batch] bool.
+    entry is positive; matvecs: [batch] int64, matvecs spent on each member; converged: [batch] bool, every returned
+    pair certified (residual within tolerance and, for k > 1, no more-wanted eigenvalue left in the complement);
+    diverged: [batch] bool, members whose operator could not be evaluated (a non-finite loss): their values are NaN.
     """
 
     values: np.ndarray
     vectors: np.ndarray
     matvecs: np.ndarray
     converged: np.ndarray
+    diverged: np.ndarray = field(default=None)
+
+    def __post_init__(self):
+        if self.diverged is None:
+            self.diverged = np.zeros(len(self.matvecs), dtype=bool)
 
 
 class DenseOperator:
@@ -74,61 +86,184 @@ def _operator_dims(op) -> tuple[int, int, np.dtype]:
     return batch, n, check_dtype(op.dtype, "op.dtype")
 
 
-def _callback(op, batch: int, n: int, dtype: np.dtype):
-    def matvec(V):
-        out = np.asarray(op.matvec(V))
+def _callback(matvec, batch: int, n: int, dtype: np.dtype):
+    def checked(V):
+        out = np.asarray(matvec(V))
         if out.dtype.kind not in "iuf":
             raise TypeError(f"op.matvec: expected real values, got dtype {out.dtype}")
         if out.shape != (batch, n):
             raise ValueError(f"op.matvec: expected a result of shape ({batch}, {n}), got {out.shape}")
         return np.ascontiguousarray(out, dtype=dtype)
 
-    return matvec
+    return checked
 
 
-def lanczos(op, k: int = 1, which: str = "LA", tol: float = 1e-6, max_iter: int = 1000, ncv: int | None = None,
+def _native_solver(name: str, dtype: np.dtype):
+    """The binding of solver ``name`` ("lanczos" or "power_iteration") for ``dtype``."""
+    return functools.partial(getattr(_native._core.spectrum, name), dtype=np.dtype(dtype))
+
+
+def _krylov(matvec, batch, n, dtype, k, which, tol, max_matvecs, ncv, seed, v0):
+    """One native thick-restart Lanczos run ("LA" or "LM"): (values, vectors, matvecs, converged)."""
+    return _native_solver("lanczos", dtype)(_callback(matvec, batch, n, dtype), batch, n, k, which, tol, max_matvecs,
+                                            ncv, seed, v0)
+
+
+def _more_wanted(theta: float, than: float, which: str, tol: float) -> bool:
+    """Whether ``theta`` is more wanted than ``than`` by more than the relative tolerance (ties are either copy)."""
+    margin = tol * max(abs(theta), abs(than))
+    return theta > than + margin if which == "LA" else abs(theta) > abs(than) + margin
+
+
+def _unwanted_shift(values: np.ndarray, which: str) -> float:
+    """An eigenvalue less wanted than every value found, given to the locked directions of a complement search."""
+    if which == "LM":
+        return 0.0
+    return float(values.min() - 2 * max(np.abs(values).max(), 1e-300))
+
+
+def certified_top_k(matvec, batch: int, n: int, dtype, *, k: int, which: str, tol: float, max_matvecs: int,
+                    ncv: int = 0, seed: int = 0, v0=None, first: tuple | None = None, krylov=None) -> tuple:
+    """Top-k ("LA" or "LM") of each member with repeated eigenvalues found and certified: locked restarts.
+
+    ``matvec`` maps [batch, n] to [batch, n] in ``dtype``; ``krylov(matvec, batch, n, dtype, k, which, tol,
+    max_matvecs, ncv, seed, v0)`` is a single-vector Krylov solver (default: the native Lanczos; its twin in
+    ``physai.spectrum.reference`` fits too). ``first``: the (values, vectors, matvecs, converged) of a first run
+    already done (e.g. natively on a fused operator), to certify instead of running it.
+
+    A single starting vector sees one direction per distinct eigenvalue, so in floating point it can miss copies of
+    a repeated eigenvalue and still converge. After the first run, each member's found vectors Y are locked and the
+    top eigenpair of the complement, ``(I - Y Y^T) A (I - Y Y^T) + sigma Y Y^T`` with sigma less wanted than
+    anything found, is sought from a fresh random start (``numpy.random.default_rng([seed, round])``, the same for
+    every member, so a member's result depends neither on its index nor on the other members). A complement
+    eigenvalue more wanted than the current k-th (beyond ``tol``) is a missed copy: it joins the locked set and the
+    search repeats; otherwise the member's k pairs are certified. Rounds end after at most n - k extra locks, or
+    when the budget ``max_matvecs`` (per member, all rounds together) is spent: then converged is False. This is
+    PyHessian's deflation (Yao et al. 2020, Sec. 3) used as a check, with Lanczos instead of power iteration.
+    Returns (values [batch, k], vectors [batch, k, n], matvecs [batch], converged [batch]).
+    """
+    krylov = _krylov if krylov is None else krylov
+    if first is None:
+        first = krylov(matvec, batch, n, dtype, k, which, tol, max_matvecs, ncv, seed, v0)
+    values, vectors, counts, converged = (np.array(x) for x in first)
+    if k == 1 or k == n:  # one pair: copies do not matter; all n: nothing left to miss
+        return values, vectors, counts, converged
+    locked = [vectors[b].astype(np.float64) for b in range(batch)]
+    active = [b for b in range(batch) if converged[b]]
+    round_ = 0
+    while active:
+        round_ += 1
+        budget = max_matvecs - int(counts[active].max())
+        if budget < 1:
+            converged[active] = False
+            break
+        shifts = [_unwanted_shift(values[b], which) for b in active]
+
+        def complement(V, active=active, shifts=shifts):
+            full = np.zeros((batch, n), dtype=dtype)
+            coefficients = []
+            for row, b in enumerate(active):
+                c = locked[b] @ V[row]
+                full[b] = V[row] - c @ locked[b]
+                coefficients.append(c)
+            out = np.asarray(matvec(full), dtype=np.float64)
+            result = np.empty((len(active), n))
+            for row, b in enumerate(active):
+                w = out[b] - (locked[b] @ out[b]) @ locked[b]
+                result[row] = w + shifts[row] * (coefficients[row] @ locked[b])
+            return result
+
+        # one start per round for every member, whatever its index: a member computes the same alone as in a batch
+        start = np.random.default_rng([seed, round_]).uniform(-1, 1, n)
+        starts = np.ascontiguousarray(np.broadcast_to(start, (len(active), n)), dtype=dtype)
+        theta, y, used, ok = krylov(complement, len(active), n, dtype, 1, which, tol, budget, ncv, seed, starts)
+        still = []
+        for row, b in enumerate(active):
+            counts[b] += used[row]
+            if not ok[row]:
+                converged[b] = False
+                continue
+            if not _more_wanted(float(theta[row, 0]), float(values[b, -1]), which, tol):
+                continue
+            locked[b] = np.vstack([locked[b], y[row, 0]])
+            candidates = np.r_[values[b], theta[row, 0]]
+            order = wanted_order(candidates, which)[:k]
+            vectors[b] = np.vstack([vectors[b], y[row]])[order]
+            values[b] = candidates[order]
+            if len(locked[b]) < n:
+                still.append(b)
+        active = still
+    return values, vectors, counts, converged
+
+
+class _Negated:
+    """-A, so that the smallest algebraic eigenvalues of A are the largest of the negated operator."""
+
+    def __init__(self, matvec):
+        self._matvec = matvec
+
+    def __call__(self, V):
+        return -np.asarray(self._matvec(V))
+
+
+def lanczos(op, k: int = 1, which: str = "LA", tol: float = 1e-6, max_matvecs: int = 1000, ncv: int | None = None,
             v0=None, seed: int = 0) -> EigenResult:
-    """Top-k eigenpairs of each member by thick-restart Lanczos with full reorthogonalization.
+    """k eigenpairs of each member, certified under repeated eigenvalues: thick-restart Lanczos with full
+    reorthogonalization, then locked searches of the complement (:func:`certified_top_k`).
 
     op: operator with shape (batch, n, n), dtype float32/float64 and a batched ``matvec`` (see module doc).
-    k: eigenpairs per member, 1 <= k <= n. which: "LA" (largest algebraic) or "LM" (largest magnitude).
-    tol: a pair is converged when ||A y - theta y|| <= tol * |theta|. max_iter: matvecs per member, >= k.
+    k: eigenpairs per member, 1 <= k <= n. which: "LA" (largest algebraic), "SA" (smallest algebraic, the most
+    negative first), "LM" (largest magnitude) or "BE" (both ends: the ceil(k/2) largest, most positive first, then
+    the floor(k/2) smallest, most negative first). tol: a pair is converged when ||A y - theta y|| <= tol * |theta|;
+    the eigenvalue is then within ~(tol theta)^2 / gap of the true one (Kato-Temple bound, Parlett, *The Symmetric
+    Eigenvalue Problem*, Thm 10.6.1). max_matvecs: matvecs per member (per end for "BE"), >= k.
     ncv: Krylov dimension before a thick restart (default min(n, max(2k + 1, 20))), in (k, n] or equal n.
     v0: warm start [batch, n] (or [n]), e.g. the previous top eigenvector; default random from ``seed``.
 
-    A Krylov space holds one direction per distinct eigenvalue. When it becomes exactly invariant before ``ncv``
-    vectors (a repeated top eigenvalue, a v0 that is an eigenvector, a zero operator), the solver goes on in random
-    directions until the basis is full, so such members cost up to ``ncv`` matvecs; a multiplicity that only
-    rounding reveals can still be missed, as with any single-vector Krylov method.
+    Cost: one Lanczos run, plus for k > 1 at least one search of the complement (about as many matvecs as a
+    top-1 run) to certify that no copy of a repeated eigenvalue was missed, one more per missed copy.
+    Raises TypeError / ValueError naming the bad argument.
     """
     batch, n, dtype = _operator_dims(op)
     k = check_int(k, "k", min=1)
     if k > n:
         raise ValueError(f"k: expected at most n={n} (the operator's size), got {k}")
-    which = check_choice(which, "which", ("LA", "LM"))
+    which = check_choice(which, "which", WHICH)
     tol = check_float(tol, "tol", positive=True)
-    max_iter = check_int(max_iter, "max_iter", min=k, max=MAX_INT64)
+    max_matvecs = check_int(max_matvecs, "max_matvecs", min=k, max=MAX_INT64)
     ncv = 0 if ncv is None else check_int(ncv, "ncv", min=1, max=n)
     if ncv and ncv <= k and ncv != n:
         raise ValueError(f"ncv: expected k < ncv <= n (or ncv == n), got ncv={ncv} with k={k}, n={n}")
     seed = check_seed(seed)
     v0 = check_v0(v0, batch, n, dtype)
-    core = _native._core.spectrum
-    solve = core.lanczos_f32 if dtype == np.float32 else core.lanczos_f64
-    return EigenResult(*solve(_callback(op, batch, n, dtype), batch, n, k, which, tol, max_iter, ncv, seed, v0))
+    solve = lambda matvec, kk, wh, start: certified_top_k(  # noqa: E731
+        _callback(matvec, batch, n, dtype), batch, n, dtype, k=kk, which=wh, tol=tol, max_matvecs=max_matvecs,
+        ncv=ncv, seed=seed, v0=start)
+    if which in ("LA", "LM"):
+        return EigenResult(*solve(op.matvec, k, which, v0))
+    if which == "SA":
+        values, vectors, counts, converged = solve(_Negated(op.matvec), k, "LA", v0)
+        return EigenResult(-values, vectors, counts, converged)
+    top = solve(op.matvec, (k + 1) // 2, "LA", v0)
+    if k == 1:
+        return EigenResult(*top)
+    bottom = solve(_Negated(op.matvec), k // 2, "LA", None)
+    return EigenResult(np.concatenate([top[0], -bottom[0]], axis=1), np.concatenate([top[1], bottom[1]], axis=1),
+                       top[2] + bottom[2], top[3] & bottom[3])
 
 
-def power_iteration(op, tol: float = 1e-6, max_iter: int = 10000, v0=None, seed: int = 0) -> EigenResult:
+def power_iteration(op, tol: float = 1e-6, max_matvecs: int = 10000, v0=None, seed: int = 0) -> EigenResult:
     """Dominant (largest-magnitude) eigenpair of each member by power iteration.
 
     Same operator and result conventions as :func:`lanczos` with k=1; converged when
-    ||A v - theta v|| <= tol * |theta| (a residual test, the same as Lanczos, so matvec counts compare).
+    ||A v - theta v|| <= tol * |theta| (a residual test, the same as Lanczos, so matvec counts compare). Power
+    iteration needs ~log(tol) / log(|lambda_2 / lambda_1|) matvecs where Lanczos needs ~its square root
+    (Saad, *Numerical Methods for Large Eigenvalue Problems*, Sec. 6.6): prefer :func:`lanczos`.
     """
     batch, n, dtype = _operator_dims(op)
     tol = check_float(tol, "tol", positive=True)
-    max_iter = check_int(max_iter, "max_iter", min=1, max=MAX_INT64)
+    max_matvecs = check_int(max_matvecs, "max_matvecs", min=1, max=MAX_INT64)
     seed = check_seed(seed)
     v0 = check_v0(v0, batch, n, dtype)
-    core = _native._core.spectrum
-    solve = core.power_iteration_f32 if dtype == np.float32 else core.power_iteration_f64
-    return EigenResult(*solve(_callback(op, batch, n, dtype), batch, n, tol, max_iter, seed, v0))
+    solve = _native_solver("power_iteration", dtype)
+    return EigenResult(*solve(_callback(op.matvec, batch, n, dtype), batch, n, tol, max_matvecs, seed, v0))

@@ -1,18 +1,23 @@
 """torch integration of the fused two-layer kernels (CPU tensors; imports torch).
 
-- ``two_layer(X, W, b, a, ...)``: outputs F through the native forward; backward through the native backward
-  (gradients for X, W, b, a). Use it inside any loss; it is differentiable once.
+- ``two_layer(X, W, b, a, ...)``: outputs F through the native forward; backward through the native backward.
+  Differentiable to any order and under ``torch.func`` (``grad``, ``jvp``, ``vjp``, ``vmap``, ``functional_call``,
+  ``jacrev``/``jacfwd``): the autograd Function has ``setup_context``, a forward-mode rule and a vmap rule (members
+  of the native ensemble), and where a transform or ``create_graph`` asks for a differentiable backward, the
+  backward runs as torch ops of the same network (``torch_reference``) instead of the native kernel.
 - ``two_layer_loss(X, Y, W, b, a, ...)``: the fused loss; backward through the native gradient and *double*
-  backward through the native Hessian-vector product, so ``torch.autograd.grad(grad, params, v)`` and
-  ``torch.func``-free HVP recipes work.
+  backward (and the forward-mode derivative of the gradient) through the native Hessian-vector product.
 - ``TwoLayerModule``: an ``nn.Module`` drop-in for ``Linear(d, m) -> activation -> Linear(m, k, bias=False)``
-  (``from_linear`` copies the weights of such a pair), with ``loss(X, Y)`` for the fused loss.
+  (``from_linear`` copies the weights of such a pair) that composes inside any larger model, with ``loss(X, Y)``
+  for the fused loss and ``hessian_operator`` / ``ntk`` / ``ntk_operator`` for the fused spectra.
 
-Shapes: W [m, d] or [E, m, d], b [m] / [E, m] or None, a [k, m] / [E, k, m]; X [n, d] or [E, n, d]; outputs
-[n, k] for a single network or [E, n, k] for an ensemble. Tensors are passed to the kernels as zero-copy numpy
-views; float32 and float64.
+Shapes: W [m, d] or [E, m, d], b [m] / [E, m] or None, a [k, m] / [E, k, m]. A single network takes X [..., d]
+and returns [..., k], as ``nn.Linear`` does; an ensemble takes X [n, d] (shared) or [E, n, d] and returns
+[E, n, k]. Tensors are passed to the kernels as zero-copy numpy views; float32 and float64.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from physai import _core
 from physai._checks import check_choice, check_float, check_int
-from physai.twolayer.params import ACTIVATIONS, LOSSES, PARAMETERIZATIONS, scaling
+from physai.twolayer.params import LOSSES, PARAMETERIZATIONS, activation_code, loss_code
 
 _ACTIVATION_FUNCTIONS = {
     "relu": torch.relu,
@@ -45,13 +50,55 @@ def _view(t: torch.Tensor | None, name: str) -> np.ndarray | None:
     return t.detach().contiguous().numpy()
 
 
-def _native(name: str, dtype: torch.dtype):
-    return getattr(_core.twolayer, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+def _native(name: str):
+    return getattr(_core.twolayer, name)
 
 
-def _config(input_scale: float, output_scale: float, activation: str):
-    return _core.twolayer.Config(check_float(input_scale, "input_scale"), check_float(output_scale, "output_scale"),
-                                 ACTIVATIONS.index(check_choice(activation, "activation", ACTIVATIONS)))
+class _Spec(NamedTuple):
+    """The network's scalars: what the native ``Config`` holds, readable from Python for the torch-op rules."""
+
+    input_scale: float
+    output_scale: float
+    activation: str
+
+    def native(self):
+        return _core.twolayer.Config(self.input_scale, self.output_scale, activation_code(self.activation))
+
+
+def _spec(input_scale: float, output_scale: float, activation: str) -> _Spec:
+    activation_code(activation)  # checks the name
+    return _Spec(check_float(input_scale, "input_scale"), check_float(output_scale, "output_scale"), activation)
+
+
+def _plain(*tensors) -> bool:
+    """Whether every tensor is an ordinary one (no torch.func wrapper): only those can cross as numpy views."""
+    return not any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+_SQRT_2_OVER_PI = float(np.sqrt(2 / np.pi))
+
+
+def _activation_slope(name: str, Z: torch.Tensor) -> torch.Tensor:
+    """sigma'(Z) in torch ops (the same formulas as ``physai.twolayer.reference.activation``)."""
+    if name == "relu":
+        return (Z > 0).to(Z.dtype)
+    if name == "tanh":
+        return 1 - torch.tanh(Z) ** 2
+    if name == "gelu":
+        t = torch.tanh(_SQRT_2_OVER_PI * (Z + 0.044715 * Z**3))
+        return 0.5 * (1 + t) + 0.5 * Z * (1 - t**2) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * Z**2)
+    if name == "erf":
+        return 2 / np.sqrt(np.pi) * torch.exp(-Z**2)
+    if name == "quadratic":
+        return 2 * Z
+    if name == "linear":
+        return torch.ones_like(Z)
+    return torch.sigmoid(Z)  # softplus
+
+
+def _reference_forward(spec: _Spec):
+    return lambda X, W, b, a: torch_reference(X, W, b, a, activation=spec.activation, input_scale=spec.input_scale,
+                                              output_scale=spec.output_scale)
 
 
 class _Ensemble:
@@ -72,50 +119,171 @@ class _Ensemble:
 
 
 class _TwoLayerFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, X, W, b, a, config):
-        ctx.save_for_backward(X, W, b, a)
-        ctx.config = config
-        return torch.from_numpy(_native("forward", W.dtype)(_view(X, "X"), _view(W, "W"), _view(b, "b"), _view(a, "a"),
-                                                            config))
+    """F [E, n, k] of W [E, m, d], b [E, m] or None, a [E, k, m] and X [n, d] or [E, n, d]."""
 
     @staticmethod
-    @once_differentiable
+    def forward(X, W, b, a, spec):
+        return torch.from_numpy(_native("forward")(_view(X, "X"), _view(W, "W"), _view(b, "b"), _view(a, "a"),
+                                                   spec.native()))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        X, W, b, a, spec = inputs
+        ctx.save_for_backward(X, W, b, a)
+        ctx.save_for_forward(X, W, b, a)
+        ctx.spec = spec
+
+    @staticmethod
     def backward(ctx, grad_F):
         X, W, b, a = ctx.saved_tensors
-        dW, db, da, dX = _native("backward", W.dtype)(_view(X, "X"), _view(W, "W"), _view(b, "b"), _view(a, "a"),
-                                                      _view(grad_F, "grad"), ctx.config, ctx.needs_input_grad[0])
+        if torch.is_grad_enabled() or not _plain(X, W, b, a, grad_F):
+            # A differentiable backward is asked for (create_graph, or a torch.func transform): torch ops.
+            if b is None:
+                _, pullback = torch.func.vjp(lambda X, W, a: _reference_forward(ctx.spec)(X, W, None, a), X, W, a)
+                dX, dW, da = pullback(grad_F)
+                return dX, dW, None, da, None
+            _, pullback = torch.func.vjp(_reference_forward(ctx.spec), X, W, b, a)
+            return (*pullback(grad_F), None)
+        dW, db, da, dX = _native("backward")(_view(X, "X"), _view(grad_F, "grad"), _view(W, "W"), _view(b, "b"),
+                                             _view(a, "a"), ctx.spec.native(), ctx.needs_input_grad[0])
         if dX is not None and X.dim() == 2:
             dX = dX.sum(0)  # a shared input collects the gradient of every member
-        as_tensor = lambda x: None if x is None else torch.from_numpy(x)
+        as_tensor = lambda x: None if x is None else torch.from_numpy(x)  # noqa: E731
         return as_tensor(dX), as_tensor(dW), as_tensor(db), as_tensor(da), None
+
+    @staticmethod
+    def jvp(ctx, tX, tW, tb, ta, _):
+        # dF = s_out [(sigma'(Z) dZ) a^T + sigma(Z) da^T], dZ = s_in (dX W^T + X dW^T) + db, in torch ops (written
+        # out: a nested torch.func.jvp is refused inside torch.autograd.forward_ad).
+        X, W, b, a = ctx.saved_tensors
+        spec = ctx.spec
+        Z = spec.input_scale * X @ W.transpose(-1, -2) + (0 if b is None else b.unsqueeze(-2))
+        dZ = 0
+        if tX is not None:
+            dZ = dZ + spec.input_scale * tX @ W.transpose(-1, -2)
+        if tW is not None:
+            dZ = dZ + spec.input_scale * X @ tW.transpose(-1, -2)
+        if tb is not None:
+            dZ = dZ + tb.unsqueeze(-2)
+        dF = 0
+        if not isinstance(dZ, int):
+            dF = (_activation_slope(spec.activation, Z) * dZ) @ a.transpose(-1, -2)
+        if ta is not None:
+            dF = dF + _ACTIVATION_FUNCTIONS[spec.activation](Z) @ ta.transpose(-1, -2)
+        if isinstance(dF, int):
+            return torch.zeros(W.shape[0], X.shape[-2], a.shape[-2], dtype=W.dtype)
+        return spec.output_scale * dF.expand(W.shape[0], *dF.shape[-2:])
+
+    @staticmethod
+    def vmap(info, in_dims, X, W, b, a, spec):
+        # A vmapped slice is one more set of members: batched parameters become a larger native ensemble, a batched
+        # input with shared parameters more rows.
+        B = info.batch_size
+        X_dim, W_dim, b_dim, a_dim, _ = in_dims
+        front = lambda t, dim: t if dim is None else t.movedim(dim, 0)  # noqa: E731
+        X, W, b, a = front(X, X_dim), front(W, W_dim), front(b, b_dim), front(a, a_dim)
+        per_slice_rank = X.dim() - (X_dim is not None)
+        if W_dim is None and b_dim is None and a_dim is None:
+            E, n = W.shape[0], X.shape[-2]
+            rows = X if per_slice_rank == 2 else X.movedim(0, 1)  # [B, n, d] or [E, B, n, d]
+            F = _TwoLayerFunction.apply(rows.reshape(*rows.shape[:-3], -1, rows.shape[-1]), W, b, a, spec)
+            return F.reshape(E, B, n, -1), 1
+        grow = lambda t, dim: None if t is None else (t if dim is not None else t.expand(B, *t.shape))  # noqa: E731
+        W, b, a = grow(W, W_dim), grow(b, b_dim), grow(a, a_dim)
+        E = W.shape[1]
+        flat = lambda t: None if t is None else t.reshape(B * E, *t.shape[2:])  # noqa: E731
+        if X_dim is None and per_slice_rank == 2:
+            inputs = X
+        else:
+            X = grow(X, X_dim)
+            if per_slice_rank == 2:
+                X = X.unsqueeze(1).expand(B, E, *X.shape[1:])
+            inputs = flat(X)
+        F = _TwoLayerFunction.apply(inputs, flat(W), flat(b), flat(a), spec)
+        return F.reshape(B, E, *F.shape[1:]), 0
 
 
 def two_layer(X, W, b, a, *, activation: str = "relu", input_scale: float = 1.0, output_scale: float = 1.0):
-    """F = output_scale * sigma(input_scale * X W^T + b) a^T via the fused kernels, differentiable (once) in all
-    of X, W, b, a. Single network: W [m,d], b [m] or None, a [k,m], X [n,d] -> F [n,k]; ensemble: leading E axis
-    on W, b, a and F, X [n,d] shared or [E,n,d]. CPU tensors of one dtype, float32 or float64; F has that dtype."""
+    """F = output_scale * sigma(input_scale * X W^T + b) a^T via the fused kernels, differentiable to any order and
+    under torch.func in all of X, W, b, a. Single network: W [m,d], b [m] or None, a [k,m], X [..., d] -> F [..., k];
+    ensemble: leading E axis on W, b, a and F, X [n,d] shared or [E,n,d] -> F [E,n,k]. CPU tensors of one dtype,
+    float32 or float64; F has that dtype. Raises TypeError/ValueError naming a bad argument."""
     ensemble = _Ensemble(W)
-    F = _TwoLayerFunction.apply(X, ensemble.up(W, 2), ensemble.up(b, 1), ensemble.up(a, 2),
-                                _config(input_scale, output_scale, activation))
-    return ensemble.down(F)
+    spec = _spec(input_scale, output_scale, activation)
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"X: expected a torch.Tensor, got {type(X).__name__}")
+    if ensemble.single:
+        if X.dim() < 1 or X.shape[-1] != W.shape[-1]:
+            raise ValueError(f"X: expected shape [..., {W.shape[-1]}], got {tuple(X.shape)}")
+        F = _TwoLayerFunction.apply(X.reshape(-1, X.shape[-1]), ensemble.up(W, 2), ensemble.up(b, 1),
+                                    ensemble.up(a, 2), spec)
+        return F[0].reshape(*X.shape[:-1], F.shape[-1])
+    return _TwoLayerFunction.apply(X, W, b, a, spec)
 
 
-def _fused_loss_and_grad(X, Y, W, b, a, config, loss_code):
-    return _native("loss_and_grad", W.dtype)(_view(X, "X"), _view(W, "W"), _view(b, "b"), _view(a, "a"), _view(Y, "Y"),
-                                             config, loss_code)
+def _refuse_data_tangents(tX, tY) -> None:
+    # torch.func.jvp hands zero tangents to inputs it does not differentiate; only nonzero ones are refused.
+    if any(t is not None and bool(t.any()) for t in (tX, tY)):
+        raise NotImplementedError("two_layer_loss: derivatives with respect to X or Y are not fused")
+
+
+def _fused_loss_and_grad(X, Y, W, b, a, spec, loss):
+    return _native("loss_and_grad")(_view(X, "X"), _view(Y, "Y"), _view(W, "W"), _view(b, "b"), _view(a, "a"),
+                                    spec.native(), loss_code(loss))
+
+
+def _reference_gradient(X, Y, spec, loss):
+    """(W, b, a) -> (dW, db, da) of the members' losses in torch ops (b may be None)."""
+    def total(W, b, a):
+        return torch_loss(_reference_forward(spec)(X, W, b, a), Y, loss).sum()
+
+    def gradient(W, b, a):
+        if b is None:
+            dW, da = torch.func.grad(lambda W, a: total(W, None, a), argnums=(0, 1))(W, a)
+            return dW, None, da
+        return torch.func.grad(total, argnums=(0, 1, 2))(W, b, a)
+
+    return gradient
+
+
+def _fused_hvp(X, Y, W, b, a, spec, loss, vW, vb, va):
+    """Each member's Hessian applied to (vW, vb, va) (None parts are zero): natively on ordinary tensors, by
+    torch ops under a torch.func transform."""
+    zeros = lambda t, like: torch.zeros_like(like) if t is None else t  # noqa: E731
+    vW, va = zeros(vW, W), zeros(va, a)
+    vb = None if b is None else zeros(vb, b)
+    if not _plain(X, Y, W, b, a, vW, vb, va):
+        gradient = _reference_gradient(X, Y, spec, loss)
+        if b is None:
+            HW, Ha = torch.func.jvp(lambda W, a: gradient(W, None, a)[::2], (W, a), (vW, va))[1]
+            return HW, None, Ha
+        return torch.func.jvp(gradient, (W, b, a), (vW, vb, va))[1]
+    parts = [vW.reshape(W.shape[0], -1)] + ([vb.reshape(b.shape[0], -1)] if b is not None else [])
+    V = torch.cat(parts + [va.reshape(a.shape[0], -1)], dim=1).contiguous()
+    operator = _native("hessian_operator")(_view(X, "X"), _view(Y, "Y"), _view(W, "W"), _view(b, "b"), _view(a, "a"),
+                                           spec.native(), loss_code(loss))
+    HV = torch.from_numpy(operator.matvec(_view(V, "v")))
+    sizes = [W[0].numel()] + ([b[0].numel()] if b is not None else []) + [a[0].numel()]
+    pieces = list(torch.split(HV, sizes, dim=1))
+    Hb = pieces[1].reshape(b.shape) if b is not None else None
+    return pieces[0].reshape(W.shape), Hb, pieces[-1].reshape(a.shape)
 
 
 class _LossGradFunction(torch.autograd.Function):
-    """(dW, db, da) of the fused loss; its backward is the Hessian-vector product, which makes double backward of
-    the loss exact and native."""
+    """(dW, db, da) of the fused loss; its backward and its forward-mode derivative are the Hessian-vector product,
+    which makes double backward and forward-over-reverse HVPs of the loss exact and native."""
 
     @staticmethod
-    def forward(ctx, X, Y, W, b, a, config, loss_code):
-        ctx.save_for_backward(X, Y, W, b, a)
-        ctx.config, ctx.loss_code = config, loss_code
-        _, dW, db, da = _fused_loss_and_grad(X, Y, W, b, a, config, loss_code)
+    def forward(X, Y, W, b, a, spec, loss):
+        _, dW, db, da = _fused_loss_and_grad(X, Y, W, b, a, spec, loss)
         return torch.from_numpy(dW), None if db is None else torch.from_numpy(db), torch.from_numpy(da)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        X, Y, W, b, a, spec, loss = inputs
+        ctx.save_for_backward(X, Y, W, b, a)
+        ctx.save_for_forward(X, Y, W, b, a)
+        ctx.spec, ctx.loss = spec, loss
 
     @staticmethod
     @once_differentiable
@@ -123,29 +291,27 @@ class _LossGradFunction(torch.autograd.Function):
         X, Y, W, b, a = ctx.saved_tensors
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             raise NotImplementedError("two_layer_loss: second derivatives with respect to X or Y are not fused")
-        zeros = lambda t, like: torch.zeros_like(like) if t is None else t
-        parts = [zeros(vW, W).reshape(W.shape[0], -1)]
-        if b is not None:
-            parts.append(zeros(vb, b).reshape(b.shape[0], -1))
-        parts.append(zeros(va, a).reshape(a.shape[0], -1))
-        V = torch.cat(parts, dim=1).contiguous()
-        operator = _native("HessianOperator", W.dtype)(_view(X, "X"), _view(W, "W"), _view(b, "b"), _view(a, "a"),
-                                                       _view(Y, "Y"), ctx.config, ctx.loss_code)
-        HV = torch.from_numpy(operator.matvec(_view(V, "v")))
-        sizes = [W[0].numel()] + ([b[0].numel()] if b is not None else []) + [a[0].numel()]
-        pieces = list(torch.split(HV, sizes, dim=1))
-        HW = pieces[0].reshape(W.shape)
-        Hb = pieces[1].reshape(b.shape) if b is not None else None
-        return None, None, HW, Hb, pieces[-1].reshape(a.shape), None, None
+        HW, Hb, Ha = _fused_hvp(X, Y, W, b, a, ctx.spec, ctx.loss, vW, vb, va)
+        return None, None, HW, Hb, Ha, None, None
+
+    @staticmethod
+    def jvp(ctx, tX, tY, tW, tb, ta, _, __):
+        X, Y, W, b, a = ctx.saved_tensors
+        _refuse_data_tangents(tX, tY)
+        return _fused_hvp(X, Y, W, b, a, ctx.spec, ctx.loss, tW, tb, ta)
 
 
 class _LossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, X, Y, W, b, a, config, loss_code):
+    def forward(X, Y, W, b, a, spec, loss):
+        return torch.from_numpy(_fused_loss_and_grad(X, Y, W, b, a, spec, loss)[0])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        X, Y, W, b, a, spec, loss = inputs
         ctx.save_for_backward(X, Y, W, b, a)
-        ctx.config, ctx.loss_code = config, loss_code
-        value, _, _, _ = _fused_loss_and_grad(X, Y, W, b, a, config, loss_code)
-        return torch.from_numpy(value)
+        ctx.save_for_forward(X, Y, W, b, a)
+        ctx.spec, ctx.loss = spec, loss
 
     @staticmethod
     def backward(ctx, grad_value):
@@ -153,21 +319,30 @@ class _LossFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             raise NotImplementedError("two_layer_loss: gradients with respect to X or Y are not fused; use two_layer "
                                       "and a torch loss for those")
-        dW, db, da = _LossGradFunction.apply(X, Y, W, b, a, ctx.config, ctx.loss_code)
+        dW, db, da = _LossGradFunction.apply(X, Y, W, b, a, ctx.spec, ctx.loss)
         g = grad_value.reshape(-1, 1, 1)
         return None, None, g * dW, None if db is None else g[:, :, 0] * db, g * da, None, None
+
+    @staticmethod
+    def jvp(ctx, tX, tY, tW, tb, ta, _, __):
+        X, Y, W, b, a = ctx.saved_tensors
+        _refuse_data_tangents(tX, tY)
+        dW, db, da = _LossGradFunction.apply(X, Y, W, b, a, ctx.spec, ctx.loss)
+        total = lambda g, t: 0 if t is None else (g * t).flatten(1).sum(1)  # noqa: E731
+        return total(dW, tW) + total(da, ta) + (0 if b is None else total(db, tb))
 
 
 def two_layer_loss(X, Y, W, b, a, *, loss: str = "mse", activation: str = "relu", input_scale: float = 1.0,
                    output_scale: float = 1.0):
     """The fused loss (a scalar for a single network, [E] for an ensemble), differentiable twice in W, b, a:
-    backward runs the native gradient, double backward the native Hessian-vector product. Losses as in
-    ``physai.twolayer.TwoLayer``. Shapes as in :func:`two_layer`, with targets Y [n,k] (or [E,n,k]); CPU tensors
-    of one dtype, float32 or float64."""
+    backward runs the native gradient, double backward (or forward-over-reverse, ``torch.func.jvp`` of
+    ``torch.func.grad``) the native Hessian-vector product. Losses as in ``physai.twolayer.TwoLayer``. Shapes as in
+    :func:`two_layer` for an ensemble, with targets Y [n,k] (or [E,n,k]); CPU tensors of one dtype, float32 or
+    float64."""
     ensemble = _Ensemble(W)
-    code = LOSSES.index(check_choice(loss, "loss", LOSSES))
+    loss_code(loss)  # checks the name
     value = _LossFunction.apply(X, Y, ensemble.up(W, 2), ensemble.up(b, 1), ensemble.up(a, 2),
-                                _config(input_scale, output_scale, activation), code)
+                                _spec(input_scale, output_scale, activation), loss)
     return value[0] if ensemble.single else value
 
 
@@ -221,7 +396,8 @@ class TwoLayerModule(torch.nn.Module):
                     output_scale=self.scaling.output_scale)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        """X [n, d] (or [E, n, d]) -> outputs [n, k] ([E, n, k] for an ensemble), in the parameters' dtype."""
+        """X [..., d] -> outputs [..., k] (an ensemble: X [n, d] or [E, n, d] -> [E, n, k]), in the parameters'
+        dtype."""
         return two_layer(X, self.W, self.b, self.a, **self._kwargs())
 
     def loss(self, X: torch.Tensor, Y: torch.Tensor, loss: str = "mse") -> torch.Tensor:
@@ -229,17 +405,47 @@ class TwoLayerModule(torch.nn.Module):
         differentiable twice (double backward is the native HVP)."""
         return two_layer_loss(X, Y, self.W, self.b, self.a, loss=loss, **self._kwargs())
 
-    def hessian_eigs(self, X: torch.Tensor, Y: torch.Tensor, loss: str = "mse", **options):
-        """Top Hessian eigenpairs of the fused loss on (X, Y) by the native solvers on the fused HVP (no torch in
-        the loop): ``physai.twolayer.TwoLayer.sharpness`` options (k, method, tol, max_iter, which, v0, seed).
-        Returns an ``EigenResult`` with a leading member axis (1 for a single network); vectors are flattened in
-        ``named_parameters`` order (W, b, a)."""
+    def numpy_model(self):
+        """The parameters as a ``physai.twolayer.TwoLayer`` ensemble (E = 1 for a single network) sharing their
+        memory (no copy): the native numpy API on the same network."""
         from physai.twolayer.model import TwoLayer
 
         ensemble = _Ensemble(self.W)
-        net = TwoLayer.from_arrays(_view(ensemble.up(self.W, 2), "W"), _view(ensemble.up(self.b, 1), "b"),
-                                   _view(ensemble.up(self.a, 2), "a"), self.activation, self.param)
-        return net.sharpness(_view(X, "X"), _view(Y, "Y"), loss=loss, **options)
+        return TwoLayer.from_arrays(_view(ensemble.up(self.W, 2), "W"), _view(ensemble.up(self.b, 1), "b"),
+                                    _view(ensemble.up(self.a, 2), "a"), self.activation, self.param)
+
+    def hessian_operator(self, X: torch.Tensor, Y: torch.Tensor, loss: str = "mse"):
+        """The fused Hessian of each member's loss on (X [n, d], Y [n, k]) as an operator (``shape`` (E, P, P),
+        ``dtype``, ``matvec``; vectors flattened in ``named_parameters`` order W, b, a): the protocol through which
+        ``physai.spectrum.hessian_eigs(module, "mse", (X, Y))`` uses the native HVP. Raises ValueError when a
+        parameter is frozen (the fused Hessian is over all of them)."""
+        if not all(p.requires_grad for p in self.parameters()):
+            raise ValueError("model: the fused Hessian is over all of W, b and a; a TwoLayerModule with frozen "
+                             "parameters is not supported (unfreeze them, or use the equivalent torch layers)")
+        return self.numpy_model().hessian_operator(_view(X, "X"), _view(Y, "Y"), loss)
+
+    def hessian_eigs(self, X: torch.Tensor, Y: torch.Tensor, loss: str = "mse", **options):
+        """Top Hessian eigenpairs of the fused loss on (X, Y) by the native solvers on the fused HVP (no torch in
+        the loop): ``physai.twolayer.TwoLayer.sharpness`` options (k, method, tol, max_matvecs, which, v0, seed).
+        Returns an ``EigenResult`` with a leading member axis (1 for a single network); vectors are flattened in
+        ``named_parameters`` order (W, b, a)."""
+        return self.numpy_model().sharpness(_view(X, "X"), _view(Y, "Y"), loss=loss, **options)
+
+    def ntk(self, X: torch.Tensor, X2: torch.Tensor | None = None) -> torch.Tensor:
+        """The empirical NTK Theta = J J2^T of each member, analytic (``physai.twolayer.ntk``): [E, n k, n2 k] (one
+        member: [n k, n2 k]), rows ordered sample-major (i k + output)."""
+        from physai.twolayer.ntk import empirical_ntk
+
+        X2 = None if X2 is None else _view(X2, "X2")
+        theta = torch.from_numpy(empirical_ntk(self.numpy_model(), _view(X, "X"), X2))
+        return theta[0] if self.W.dim() == 2 else theta
+
+    def ntk_operator(self, X: torch.Tensor):
+        """The empirical NTK on X [n, d] as an operator (``shape`` (E, n k, n k), ``dtype``, ``matvec``) that
+        never forms it: ``physai.spectrum.lanczos(module.ntk_operator(X))`` gives its top eigenvalues."""
+        from physai.twolayer.ntk import NTKOperator
+
+        return NTKOperator(self.numpy_model(), _view(X, "X"))
 
     def extra_repr(self) -> str:
         E = "" if self.W.dim() == 2 else f", ensemble={self.W.shape[0]}"
