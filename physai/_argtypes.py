@@ -52,14 +52,32 @@ def field_parser(annotation) -> tuple[typing.Callable[[str], typing.Any], bool]:
     raise TypeError(f"config fields of type {annotation!r} have no command-line form")
 
 
+def field_type(annotation) -> tuple[type, bool]:
+    """(scalar type, is a tuple) of a config field's type annotation, of the forms :func:`field_parser` takes:
+    ``tuple[float, ...]`` -> (float, True), ``int | None`` -> (int, False). Raises ``TypeError`` as it does."""
+    field_parser(annotation)  # the same forms, the same error
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple:
+        return field_type(args[0])[0], True
+    if args and type(None) in args:
+        return field_type(next(a for a in args if a is not type(None)))[0], False
+    return annotation, False
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
     """One flag per field of the dataclass ``config_cls`` (``learning_rates`` -> ``--learning-rates``), typed and
-    defaulted from the field; tuple fields take several values. The field's ``metadata["help"]`` is its help."""
+    defaulted from the field; tuple fields take several values. The field's ``metadata["help"]`` is its help. A
+    field that an ensemble axis of the config folds into also answers to the axis name (``--lr`` for
+    ``learning_rates`` when ``ensemble_axes = {"lr": "learning_rates"}``)."""
     hints = typing.get_type_hints(config_cls)
+    aliases = {field: axis for axis, field in getattr(config_cls, "ensemble_axes", {}).items()}
     for field in dataclasses.fields(config_cls):
         parse, many = field_parser(hints[field.name])
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=parse,
+        flags = ["--" + field.name.replace("_", "-")]
+        if field.name in aliases:
+            flags.append("--" + aliases[field.name].replace("_", "-"))
+        parser.add_argument(*flags, dest=field.name, type=parse,
                             nargs="+" if many else None, default=default,
                             help=f"{field.metadata.get('help', '')} (default: {default})".strip())
 

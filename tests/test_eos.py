@@ -54,6 +54,10 @@ def test_bad_config():
         run(EosConfig(learning_rates=(-0.1,)))
     with pytest.raises(ValueError, match="steps"):
         run(EosConfig(steps=0))
+    with pytest.raises(ValueError, match="seed: expected an integer >= 0, got -1"):
+        EosConfig(seed=-1).validated()
+    with pytest.raises(TypeError, match="seed"):
+        EosConfig(seed=1.5).validated()
 
 
 @pytest.mark.parametrize("suffix", [".json", ".npz"])
@@ -79,3 +83,34 @@ def test_result_pickles_and_deep_copies():
     for clone in (pickle.loads(pickle.dumps(result)), copy.deepcopy(result)):
         assert clone.config == result.config
         np.testing.assert_array_equal(clone.losses, result.losses)
+
+
+def test_protocol_names_summary_and_trajectory_dims():
+    """What physai.sweep relies on: the module-level names, one flat row of scalars per member, and trajectories
+    whose named dims match their arrays (the member dim as long as the ensemble)."""
+    import physai.experiments.eos as module
+
+    assert (module.Config, module.Result, module.run) == (EosConfig, EosResult, run)
+    assert EosConfig.ensemble_axes == {"lr": "learning_rates"}
+    config = EosConfig(learning_rates=(0.5, 0.6, 0.7), steps=30, track_every=10, n=40)
+    result = run(config)
+    rows = result.summary()
+    assert [row["lr"] for row in rows] == [0.5, 0.6, 0.7]
+    assert all(isinstance(value, float) for row in rows for value in row.values())
+    sizes = {"step": 30, "tracked_step": 3, "member": 3}
+    for name, (dims, array) in result.trajectories().items():
+        assert array.shape == tuple(sizes[d] for d in dims), name
+    # the labels of the run's own dims, and the metadata a sweep stores with each variable
+    coordinates = result.coordinates()
+    assert coordinates["step"].tolist() == list(range(30)) and coordinates["tracked_step"].tolist() == [0, 10, 20]
+    assert all(c.dtype == np.int64 for c in coordinates.values())
+    attributes = result.attributes()
+    assert set(attributes) == (set(rows[0]) - {"lr"}) | set(result.trajectories())
+    assert attributes["sharpness"]["units"] == "1/lr" and all("long_name" in a for a in attributes.values())
+
+
+def test_every_field_has_help():
+    import dataclasses
+
+    for field in dataclasses.fields(EosConfig):
+        assert field.metadata.get("help"), field.name

@@ -63,7 +63,7 @@ def test_cli_info_runs():
 
 @pytest.mark.parametrize("argv,match", [
     (["lego", "-n", "-1"], "argument -n/--count: expected an integer >= 0"),
-    (["eos", "--lr", "-1"], "argument --lr: expected a finite number > 0"),
+    (["eos", "--lr", "-1"], "physai eos: error: learning_rates: expected a number > 0"),
     (["lego", "--group", "q8"], "physai lego: error: group:"),
     (["eos", "--steps", "3", "--json", "/nonexistent/eos.json", "--plot", ""], "physai eos: error: "),
 ])

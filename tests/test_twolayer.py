@@ -6,12 +6,10 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import (  # noqa: F401 -- GRID, assert_close: test_twolayer_torch.py imports them from here
-    GRID,
+from conftest import (
     TRUTH_DTYPE,
     ULPS,
     assert_as_accurate_as_reference,
-    assert_close,
     copy_params,
     in_dtype,
     make_problem,

@@ -2,7 +2,7 @@
 identical gradients to a plain torch MLP, native double backward for HVPs."""
 import numpy as np
 import pytest
-from test_twolayer import GRID, assert_close, copy_params, make_problem
+from conftest import GRID, assert_close, copy_params, make_problem
 
 from physai.twolayer import reference as R
 

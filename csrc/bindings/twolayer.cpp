@@ -205,7 +205,8 @@ py::tuple hessian_eigs(const py::array& X, const py::array& Y, const py::array& 
 
 py::tuple train(const py::array& X, const py::array& Y, py::array W, std::optional<py::array> b, py::array a,
                 const Config& config, tl::Loss loss, const py::array& lr, double lr_W, double lr_b, double lr_a,
-                int64_t steps, int64_t batch_size, int64_t track_every, const EigOptions& eig) {
+                int64_t steps, int64_t batch_size, int64_t track_every, const EigOptions& eig,
+                const py::array& streams) {
   if (steps < 0) physai::fail_value("steps: expected >= 0, got ", steps);
   if (track_every < 0) physai::fail_value("track_sharpness_every: expected >= 0, got ", track_every);
   return dispatch_float(W, "W", [&](auto zero) -> py::tuple {
@@ -226,6 +227,7 @@ py::tuple train(const py::array& X, const py::array& Y, py::array W, std::option
     tracking.use_lanczos = eig.lanczos;
     tracking.sharpness = sharpness.mutable_data();
     tracking.matvecs = matvecs.mutable_data();
+    tracking.streams = checked_data<int64_t>(streams, "streams", {net.E});
     T* out = losses.mutable_data();
     T* w = checked_mutable_data<T>(W, "W", {-1, -1, -1});
     T* bb = b ? checked_mutable_data<T>(*b, "b", {-1, -1}) : nullptr;
@@ -291,6 +293,7 @@ void bind_twolayer(py::module_& m) {
         "(values [E, k], vectors [E, k, P], matvecs [E], converged [E]).");
   m.def("train", &train, py::arg("X"), py::arg("Y"), py::arg("W"), py::arg("b"), py::arg("a"), py::arg("config"),
         py::arg("loss"), py::arg("lr"), py::arg("lr_W"), py::arg("lr_b"), py::arg("lr_a"), py::arg("steps"),
-        py::arg("batch_size"), py::arg("track_every"), py::arg("eig"),
-        "Gradient descent in place on W, b, a; returns (losses [steps, E], sharpness [T, E], matvecs [T, E]).");
+        py::arg("batch_size"), py::arg("track_every"), py::arg("eig"), py::arg("streams"),
+        "Gradient descent in place on W, b, a (streams [E] int64: member e's random-stream key); returns "
+        "(losses [steps, E], sharpness [T, E], matvecs [T, E]).");
 }

@@ -115,6 +115,9 @@ struct Tracking {
   bool use_lanczos = true;
   T* sharpness = nullptr;
   int64_t* matvecs = nullptr;
+  // [E] the key of member e's random stream (its solver's first start): the member's identity, not its position,
+  // so that a member gets the same values alone as in any ensemble (TwoLayer.init_index). Null: e.
+  const int64_t* streams = nullptr;
 };
 
 // Runs schedule.steps of gradient descent on all members, updating W, b, a in place (the same memory as net's

@@ -63,16 +63,19 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
     } else {
       const Net<T> view = row_view(net, e, r0, rows);  // the member's mini-batch
       const T* Y = targets.Y_of(e, n, k) + r0 * k;
-      losses[step * E + e] = use_row_blocks(E, view)
+      // decided by the member's own size, not by E, so that a member sums in the same order alone as in an
+      // ensemble (same bits, whatever the rest of the ensemble)
+      losses[step * E + e] = use_row_blocks(1, view)
                                  ? blocked_loss_and_grad(view, Y, targets.loss, gW, gb, ga)
                                  : member_loss_and_grad(view, Y, targets.loss, 0, gW, gb, ga, parallel, rows);
     }
     update(e);
   };
 
-  // Member e's top Hessian eigenpair, warm-started from its previous one (ones where that is not finite; the
-  // solver's random start for member e until it has one). A member whose loss is no longer finite (diverged) gets
-  // NaN and costs nothing.
+  // Member e's top Hessian eigenpair, warm-started from its previous one (ones where that is not finite; until it
+  // has one, the solver's random start from the stream keyed tracking.streams[e], the member's identity, so that it
+  // does not depend on the member's position in the ensemble). A member whose loss is no longer finite (diverged)
+  // gets NaN and costs nothing.
   auto track_member = [&](int64_t row, int64_t e, bool parallel, const HessianOperator<T>& op) {
     tracking.sharpness[row * E + e] = std::numeric_limits<T>::quiet_NaN();
     tracking.matvecs[row * E + e] = 0;
@@ -87,17 +90,22 @@ void train(const Net<T>& net, T* W, T* b, T* a, const Targets<T>& targets, const
         start = ones.data();
       }
     }
-    // A lone member keeps the whole operator (row blocks, split GEMMs); in an ensemble each member runs alone.
+    // A lone member keeps the whole operator (row blocks, split GEMMs); in an ensemble each member runs alone, in
+    // the lone member's order: summed over the same row blocks when it is small enough for those (op.apply).
     auto matvec = [&](const T* V, T* out) {
       if (E == 1)
         op.apply(V, out);
+      else if (use_row_blocks(1, net))
+        sum_over_row_blocks(n, P, out, [&](int64_t r0, int64_t rows, T* partial) {
+          op.apply_rows(e, r0, r0 + rows, V, partial, false);
+        });
       else
         op.apply_rows(e, 0, n, V, out, parallel);
     };
     T top;
     uint8_t converged;
     eigensolve(tracking.use_lanczos, matvec, 1, P, tracking.options, start, &top, vector,
-               tracking.matvecs + row * E + e, &converged, e);
+               tracking.matvecs + row * E + e, &converged, tracking.streams ? tracking.streams[e] : e);
     tracking.sharpness[row * E + e] = top;
     has_vector[e] = 1;
   };

@@ -9,8 +9,19 @@ An experiment module ``physai.experiments.<name>`` exposes:
 - ``run(config, progress=False) -> Result``.
 - ``Result``: a dataclass deriving from :class:`ExperimentResult` with a ``config`` field and array fields;
   ``summary()`` returns one flat dict of scalars per ensemble member, ``trajectories()`` the named arrays with
-  their dimension names (the member dimension is called ``"member"``), ``plot(path)`` draws the figure.
+  their dimension names (the member dimension is called ``"member"``), ``plot(path)`` draws the figure;
+  optionally ``coordinates()`` (the values labelling the run's own dimensions, ``{"step": [0, 1, ...]}``) and
+  ``attributes()`` (``long_name`` and ``units`` of each summary key and trajectory), which a sweep stores.
   ``save``/``load`` (standard JSON or ``.npz``), pickling and deep copies come from the base class.
+
+What ``physai.sweep`` relies on when it folds an ensemble axis: a run whose ensemble fields hold M values each
+(member i takes the i-th value of every one of them) has M members, so ``summary()`` returns M rows in that order
+and every trajectory with a ``"member"`` dimension has extent M there; no other setting may multiply the members
+(a sweep refuses a result that breaks this, naming the experiment and this rule), and no config field may be named
+like an ensemble axis (the sweep axis would be ambiguous). The module-level names ``Config`` and
+``Result`` are aliases (``Config = EosConfig``); a module without them is used when it defines exactly one config
+and one result class. A trajectory dimension named like a config field (``"seed"`` for the seeds of one run) is
+stored as ``run_<name>`` in a sweep over that field.
 """
 from __future__ import annotations
 
@@ -70,6 +81,29 @@ class ExperimentResult:
     def trajectories(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
         """Named arrays with their dimension names, e.g. ``{"loss": (("step", "member"), losses)}``."""
         raise NotImplementedError
+
+    def report(self) -> str:
+        """What ``physai <name>`` prints after a run: the summary as a fixed-width table (numbers to 4 significant
+        digits); experiments add their own findings (a phase boundary, the best rate per width)."""
+        rows = self.summary()
+        if not rows:
+            return "(no rows)"
+        columns = list(rows[0])
+        cells = [[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns] for row in rows]
+        widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+        lines = [" ".join(c.rjust(w) for c, w in zip(columns, widths))]
+        lines += [" ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in cells]
+        return "\n".join(lines)
+
+    def coordinates(self) -> dict[str, np.ndarray]:
+        """The 1-d values labelling the run's own dimensions (``{"step": arange(steps)}``), by dimension name;
+        none by default. The same for every member and for every config that gives the dimension that extent."""
+        return {}
+
+    def attributes(self) -> dict[str, dict[str, str]]:
+        """Metadata of each summary key and trajectory (``{"loss": {"long_name": ..., "units": ...}}``); none by
+        default."""
+        return {}
 
     def to_dict(self) -> dict:
         """Standard JSON (no NaN/Infinity tokens: non-finite numbers are the strings "NaN", "Infinity",

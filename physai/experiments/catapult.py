@@ -234,6 +234,15 @@ class CatapultResult(ExperimentResult):
                              "lam_T_over_lam0": lam_T / float(self.lam0[i]), "catapult_steps": int(steps[i, l])})
         return rows
 
+    def report(self) -> str:
+        """The summary table and the measured phase boundaries (what ``physai catapult`` prints)."""
+        lines = [super().report()]
+        for name, bound in self.boundaries().items():
+            lines.append(f"{name}: lazy/catapult boundary at eta lambda0 ~ {bound['lazy_catapult']:.3g}, "
+                         f"eta_max lambda0 ~ {bound['max']:.3g} (between {bound['max_low']:g} and "
+                         f"{bound['max_high']:g})")
+        return "\n".join(lines)
+
     def trajectories(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
         """``loss`` (activation, step, member), ``curvature`` (activation, tracked_step, member) and
         ``curvature_step`` (tracked_step,); ``member`` indexes the learning rates."""
@@ -323,44 +332,14 @@ def run(config: CatapultConfig = CatapultConfig(), progress: bool = False) -> Ca
 
 def add_parser(commands) -> None:
     """Register the ``physai catapult`` command on the CLI's subparsers."""
-    from physai._argtypes import add_config_arguments
+    import sys
 
-    parser = commands.add_parser("catapult", help="the catapult phase of large learning rates (Lewkowycz et al.)",
-                                 description="Full-batch GD on wide two-layer nets in NTK parameterization, MSE: lazy "
-                                             "below eta lambda0 = 2, catapult up to eta_max lambda0, divergent above.")
-    add_config_arguments(parser, CatapultConfig)
-    parser.add_argument("--json", default="catapult.json", help="where to write the result")
-    parser.add_argument("--plot", default="catapult.png", help="where to write the figure ('' to skip)")
-    parser.set_defaults(run=_main)
+    from physai.experiments._cli import add_experiment_parser
 
-
-def _main(args) -> int:
-    import time
-
-    from physai._argtypes import config_from_args
-
-    config = config_from_args(CatapultConfig, args)
-    start = time.perf_counter()
-    result = run(config, progress=True)
-    print(f"{len(config.activations)} activations x {len(config.lr_factors)} rates, width {config.width}, "
-          f"{config.steps} steps: {time.perf_counter() - start:.1f} s")
-    print(f"{'activation':>10} {'eta*lam0':>9} {'phase':>9} {'max loss':>10} {'lam_T/lam0':>11} {'eta*lam_T':>10} "
-          f"{'spike':>6}")
-    for row in result.summary():
-        print(f"{row['activation']:>10} {row['lr_factor']:>9.3g} {row['phase']:>9} {row['max_loss']:>10.3g} "
-              f"{row['lam_T_over_lam0']:>11.3f} {row['lr_times_lam_T']:>10.3f} {row['catapult_steps']:>6}")
-    for name, bound in result.boundaries().items():
-        print(f"{name}: lazy/catapult boundary at eta lambda0 ~ {bound['lazy_catapult']:.3g}, "
-              f"eta_max lambda0 ~ {bound['max']:.3g} (between {bound['max_low']:g} and {bound['max_high']:g})")
-    result.save(args.json)
-    print(f"result: {args.json}")
-    if args.plot:
-        try:
-            result.plot(args.plot)
-            print(f"figure: {args.plot}")
-        except ImportError:
-            print("matplotlib is not installed (pip install physai[plot]); no figure written")
-    return 0
+    add_experiment_parser(commands, "catapult", sys.modules[__name__],
+                          help="the catapult phase of large learning rates (Lewkowycz et al.)",
+                          description="Full-batch GD on wide two-layer nets in NTK parameterization, MSE: lazy below "
+                                      "eta lambda0 = 2, catapult up to eta_max lambda0, divergent above.")
 
 
 Config = CatapultConfig

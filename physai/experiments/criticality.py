@@ -281,44 +281,15 @@ def run(config: CriticalityConfig = CriticalityConfig(), progress: bool = False)
 
 def add_parser(commands) -> None:
     """Register the ``physai criticality`` command on the CLI's subparsers."""
-    from physai._argtypes import add_config_arguments
+    import sys
 
-    parser = commands.add_parser("criticality", help="kernel recursions and criticality vs Monte Carlo",
-                                 description="Kernel and susceptibilities vs depth below, at and above criticality, "
-                                             "and the finite-width variance vs depth/width, theory against Monte "
-                                             "Carlo ensembles of deep MLPs.")
-    add_config_arguments(parser, CriticalityConfig)
-    parser.add_argument("--json", default="criticality.json", help="where to write the result")
-    parser.add_argument("--plot", default="criticality.png", help="where to write the figure ('' to skip)")
-    parser.set_defaults(run=_main)
+    from physai.experiments._cli import add_experiment_parser
 
-
-def _main(args) -> int:
-    import time
-
-    from physai._argtypes import config_from_args
-
-    config = config_from_args(CriticalityConfig, args)
-    start = time.perf_counter()
-    result = run(config, progress=True)
-    elapsed = time.perf_counter() - start
-    print(f"{len(config.activations)} activations x {len(config.scales)} scales, depth {config.depth}, width "
-          f"{config.width}, {config.networks} networks; variance at widths {config.variance_widths}: {elapsed:.1f} s")
-    print(f"{'activation':>10} {'C_W/C_W*':>8} {'C_b':>7} {'C_W':>7} {'K_aa(L)':>10} {'MC':>10} {'+-':>8} "
-          f"{'chi_par':>8} {'chi_perp':>8} {'max|z|':>7}")
-    for row in result.summary():
-        print(f"{row['activation']:>10} {row['scale']:>8g} {row['C_b']:>7.4f} {row['C_W']:>7.4f} "
-              f"{row['K_aa_theory']:>10.4g} {row['K_aa_mc']:>10.4g} {row['K_aa_sem']:>8.2g} "
-              f"{row['chi_parallel']:>8.4f} {row['chi_perp']:>8.4f} {row['kernel_max_abs_z']:>7.2f}")
-    result.save(args.json)
-    print(f"result: {args.json}")
-    if args.plot:
-        try:
-            result.plot(args.plot)
-            print(f"figure: {args.plot}")
-        except ImportError:
-            print("matplotlib is not installed (pip install physai[plot]); no figure written")
-    return 0
+    add_experiment_parser(commands, "criticality", sys.modules[__name__],
+                          help="kernel recursions and criticality vs Monte Carlo",
+                          description="Kernel and susceptibilities vs depth below, at and above criticality, and the "
+                                      "finite-width variance vs depth/width, theory against Monte Carlo ensembles of "
+                                      "deep MLPs.")
 
 
 Config = CriticalityConfig

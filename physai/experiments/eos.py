@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from physai._checks import check_float, check_int
+from physai._checks import check_float, check_int, check_seed
 from physai.experiments._base import ExperimentConfig, ExperimentResult
 from physai.twolayer import TwoLayer
 
@@ -29,16 +29,17 @@ class EosConfig(ExperimentConfig):
 
     ensemble_axes: ClassVar[dict[str, str]] = {"lr": "learning_rates"}
 
-    learning_rates: tuple[float, ...] = (0.35, 0.4, 0.5, 0.6)
-    n: int = 500
-    d: int = 10
-    width: int = 32
-    teacher_width: int = 32
-    teacher_scale: float = 4.0
-    steps: int = 3000
-    track_every: int = 10
-    seed: int = 0
-    dtype: str = "float64"
+    learning_rates: tuple[float, ...] = field(
+        default=(0.35, 0.4, 0.5, 0.6), metadata={"help": "GD step sizes, one ensemble member each (1/loss units)"})
+    n: int = field(default=500, metadata={"help": "training samples"})
+    d: int = field(default=10, metadata={"help": "input dimension"})
+    width: int = field(default=32, metadata={"help": "hidden units of the student"})
+    teacher_width: int = field(default=32, metadata={"help": "hidden units of the teacher"})
+    teacher_scale: float = field(default=4.0, metadata={"help": "factor on the teacher's input weights (unitless)"})
+    steps: int = field(default=3000, metadata={"help": "GD steps"})
+    track_every: int = field(default=10, metadata={"help": "steps between sharpness estimates"})
+    seed: int = field(default=0, metadata={"help": "seed of data, teacher and student init, in [0, 2**64)"})
+    dtype: str = field(default="float64", metadata={"help": "float32 or float64"})
 
     def validated(self) -> "EosConfig":
         """This config, after checking every field (ValueError/TypeError naming the field)."""
@@ -49,6 +50,7 @@ class EosConfig(ExperimentConfig):
         for name in ("n", "d", "width", "teacher_width", "steps", "track_every"):
             check_int(getattr(self, name), name, min=1)
         check_float(self.teacher_scale, "teacher_scale", positive=True)
+        check_seed(self.seed)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype: expected 'float32' or 'float64', got {self.dtype!r}")
         return self
@@ -68,7 +70,8 @@ def make_task(config: EosConfig) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class EosResult(ExperimentResult):
     """Trajectories of one run: losses [steps, L] and sharpness [T, L] (``config.dtype``) at sharpness_steps [T]
-    (int64), for the L learning rates of ``config``; matvecs [T, L] (int64) counts the HVPs of each estimate."""
+    (int64), for the L learning rates of ``config``; matvecs [T, L] (int64) counts the HVPs of each estimate.
+    Losses are 0.5 mean squared error of the standardised targets (unitless); sharpness is in 1/lr units."""
 
     config: EosConfig
     losses: np.ndarray
@@ -91,13 +94,44 @@ class EosResult(ExperimentResult):
                          "hvps_per_estimate": float(self.matvecs[:, i].mean())})
         return rows
 
+    def report(self) -> str:
+        """The summary as ``physai eos`` prints it: per learning rate, 2/lr beside the sharpness at the start, its
+        maximum and its mean over the last quarter, and the loss at the start and the end."""
+        lines = [f"{'lr':>6} {'2/lr':>7} {'sharp@0':>8} {'max':>7} {'last 1/4':>9} {'loss@0':>8} {'loss@end':>9}"]
+        for row in self.summary():
+            lines.append(f"{row['lr']:>6g} {row['two_over_lr']:>7.3f} {row['sharpness_start']:>8.3f} "
+                         f"{row['sharpness_max']:>7.3f} {row['sharpness_last_quarter']:>9.3f} {row['loss_start']:>8.4f} "
+                         f"{row['loss_end']:>9.5f}")
+        return "\n".join(lines)
+
     def trajectories(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
-        """``loss`` (step, member), ``sharpness`` and ``matvecs`` (tracked_step, member) and ``sharpness_step``
-        (tracked_step,): the step index of each sharpness estimate."""
+        """``loss`` (step, member), ``sharpness`` and ``matvecs`` (tracked_step, member); the steps of the
+        sharpness estimates label tracked_step (:meth:`coordinates`)."""
         return {"loss": (("step", "member"), self.losses),
                 "sharpness": (("tracked_step", "member"), self.sharpness),
-                "matvecs": (("tracked_step", "member"), self.matvecs),
-                "sharpness_step": (("tracked_step",), self.sharpness_steps)}
+                "matvecs": (("tracked_step", "member"), self.matvecs)}
+
+    def coordinates(self) -> dict[str, np.ndarray]:
+        """``step`` [steps] (0, 1, ...) and ``tracked_step`` [T] (the step of each sharpness estimate), int64."""
+        return {"step": np.arange(self.losses.shape[0], dtype=np.int64),
+                "tracked_step": np.asarray(self.sharpness_steps, dtype=np.int64)}
+
+    def attributes(self) -> dict[str, dict[str, str]]:
+        """long_name and units of every summary key and trajectory (loss: unitless MSE; sharpness: 1/lr)."""
+        loss = "loss (0.5 mean squared error, standardised targets)"
+        sharp = "sharpness (top eigenvalue of the training-loss Hessian)"
+        return {"loss": {"long_name": loss, "units": "1"},
+                "sharpness": {"long_name": sharp, "units": "1/lr"},
+                "matvecs": {"long_name": "Hessian-vector products of the estimate", "units": "1"},
+                "two_over_lr": {"long_name": "2/lr, the edge of stability", "units": "1/lr"},
+                "sharpness_start": {"long_name": f"{sharp} at step 0", "units": "1/lr"},
+                "sharpness_max": {"long_name": f"maximum {sharp}", "units": "1/lr"},
+                "sharpness_last_quarter": {"long_name": f"mean {sharp} over the last quarter of the tracked steps",
+                                           "units": "1/lr"},
+                "loss_start": {"long_name": f"{loss} at step 0", "units": "1"},
+                "loss_end": {"long_name": f"{loss} before the last update", "units": "1"},
+                "hvps_per_estimate": {"long_name": "mean Hessian-vector products per sharpness estimate",
+                                      "units": "1"}}
 
     def plot(self, path) -> None:
         """Loss (log scale) and sharpness against step, with 2/lr dashed, one colour per learning rate.
@@ -136,43 +170,16 @@ def run(config: EosConfig = EosConfig(), progress: bool = False) -> EosResult:
     return EosResult(config, trajectory.losses, trajectory.sharpness, trajectory.sharpness_steps, trajectory.matvecs)
 
 
+# The protocol's names (physai.experiments._base), by which ``physai sweep eos`` finds the experiment.
+Config = EosConfig
+Result = EosResult
+
+
 def add_parser(commands) -> None:
     """Register the ``physai eos`` command on the CLI's subparsers."""
-    from physai._argtypes import count, positive
+    import sys
 
-    parser = commands.add_parser("eos", help="edge-of-stability experiment",
-                                 description="Full-batch GD on a two-layer tanh net: sharpness rises to 2/lr.")
-    parser.add_argument("--lr", type=positive, nargs="+", default=list(EosConfig.learning_rates))
-    parser.add_argument("--steps", type=count, default=EosConfig.steps)
-    parser.add_argument("--track-every", type=int, default=EosConfig.track_every)
-    parser.add_argument("--width", type=int, default=EosConfig.width)
-    parser.add_argument("--n", type=int, default=EosConfig.n)
-    parser.add_argument("--seed", type=count, default=EosConfig.seed)
-    parser.add_argument("--json", default="eos.json", help="where to write the trajectories")
-    parser.add_argument("--plot", default="eos.png", help="where to write the figure ('' to skip)")
-    parser.set_defaults(run=_main)
+    from physai.experiments._cli import add_experiment_parser
 
-
-def _main(args) -> int:
-    import time
-
-    config = EosConfig(learning_rates=tuple(args.lr), steps=args.steps, track_every=args.track_every,
-                       width=args.width, n=args.n, seed=args.seed)
-    start = time.perf_counter()
-    result = run(config)
-    elapsed = time.perf_counter() - start
-    print(f"{len(config.learning_rates)} learning rates x {config.steps} steps, sharpness every {config.track_every} "
-          f"steps: {elapsed:.2f} s")
-    print(f"{'lr':>6} {'2/lr':>7} {'sharp@0':>8} {'max':>7} {'last 1/4':>9} {'loss@0':>8} {'loss@end':>9}")
-    for row in result.summary():
-        print(f"{row['lr']:>6g} {row['two_over_lr']:>7.3f} {row['sharpness_start']:>8.3f} {row['sharpness_max']:>7.3f} "
-              f"{row['sharpness_last_quarter']:>9.3f} {row['loss_start']:>8.4f} {row['loss_end']:>9.5f}")
-    result.save(args.json)
-    print(f"trajectories: {args.json}")
-    if args.plot:
-        try:
-            result.plot(args.plot)
-            print(f"figure: {args.plot}")
-        except ImportError:
-            print("matplotlib is not installed (pip install physai[plot]); no figure written")
-    return 0
+    add_experiment_parser(commands, "eos", sys.modules[__name__], help="edge-of-stability experiment",
+                          description="Full-batch GD on a two-layer tanh net: the sharpness rises to 2/lr.")

@@ -230,6 +230,17 @@ class WidthTransferResult(ExperimentResult):
                                  "coord_output_t2": float(self.coord_check[p, w, 1, 2].mean())})
         return rows
 
+    def report(self) -> str:
+        """The best learning rate per width and parameterization, and the largest |log| coordinate ratio between the
+        two largest widths (what ``physai width-transfer`` prints)."""
+        config, best, ratios = self.config, self.best_learning_rates(), self.coordinate_ratios()
+        lines = [f"{'param':>11} " + " ".join(f"{'m=' + str(m):>9}" for m in config.widths) + "   coord ratio (t=2, 3)"]
+        for p, param in enumerate(config.parameterizations):
+            worst = np.nanmax(np.abs(np.log(ratios[p, 1:])))
+            lines.append(f"{param:>11} " + " ".join(f"{lr:>9.3g}" for lr in best[p]) + f"   max |log ratio| {worst:.3f}")
+        lines.append("(best learning rate per width; coordinate ratio between the two largest widths)")
+        return "\n".join(lines)
+
     def trajectories(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
         """``loss`` (parameterization, width, step, member, seed), ``final_loss`` (parameterization, width, member,
         seed), ``coord_check`` (parameterization, width, t, layer, seed); ``member`` indexes the learning rates."""
@@ -305,45 +316,14 @@ def run(config: WidthTransferConfig = WidthTransferConfig(), progress: bool = Fa
 
 def add_parser(commands) -> None:
     """Register the ``physai width-transfer`` command on the CLI's subparsers."""
-    from physai._argtypes import add_config_arguments
+    import sys
 
-    parser = commands.add_parser("width-transfer", help="learning-rate transfer across widths (muP vs standard)",
-                                 description="Loss after T steps vs learning rate at widths 64..4096 under the "
-                                             "standard, NTK, mean-field and muP parameterizations, and mup's "
-                                             "coordinate check.")
-    add_config_arguments(parser, WidthTransferConfig)
-    parser.add_argument("--json", default="width_transfer.json", help="where to write the result")
-    parser.add_argument("--plot", default="width_transfer.png", help="where to write the figure ('' to skip)")
-    parser.set_defaults(run=_main)
+    from physai.experiments._cli import add_experiment_parser
 
-
-def _main(args) -> int:
-    import time
-
-    from physai._argtypes import config_from_args
-
-    config = config_from_args(WidthTransferConfig, args)
-    start = time.perf_counter()
-    result = run(config, progress=True)
-    elapsed = time.perf_counter() - start
-    print(f"{len(config.parameterizations)} parameterizations x {len(config.widths)} widths x "
-          f"{len(config.learning_rates)} rates x {config.seeds} seeds, {config.steps} steps: {elapsed:.1f} s")
-    best = result.best_learning_rates()
-    ratios = result.coordinate_ratios()
-    print(f"{'param':>11} " + " ".join(f"{'m=' + str(m):>9}" for m in config.widths) + "   coord ratio (t=2, 3)")
-    for p, param in enumerate(config.parameterizations):
-        worst = np.nanmax(np.abs(np.log(ratios[p, 1:])))
-        print(f"{param:>11} " + " ".join(f"{lr:>9.3g}" for lr in best[p]) + f"   max |log ratio| {worst:.3f}")
-    print("(best learning rate per width; coordinate ratio between the two largest widths)")
-    result.save(args.json)
-    print(f"result: {args.json}")
-    if args.plot:
-        try:
-            result.plot(args.plot)
-            print(f"figure: {args.plot}")
-        except ImportError:
-            print("matplotlib is not installed (pip install physai[plot]); no figure written")
-    return 0
+    add_experiment_parser(commands, "width-transfer", sys.modules[__name__],
+                          help="learning-rate transfer across widths (muP vs standard)",
+                          description="Loss after T steps vs learning rate at widths 64..4096 under the standard, "
+                                      "NTK, mean-field and muP parameterizations, and mup's coordinate check.")
 
 
 Config = WidthTransferConfig

@@ -76,6 +76,9 @@ class TwoLayer:
         assign new arrays of the same shape and dtype to set them (checked on assignment: a wrong shape, dtype or
         layout raises there, not at the next kernel call).
     scaling : the parameterization evaluated at (d, m).
+    init_index [E] int64 : the index whose stream initialised each member (e, or 0 under ``same_init``; e for
+        ``from_arrays``). ``train`` keys member e's sharpness-solver start by it, so a member gives the same values
+        alone (``TwoLayer(..., seed=seed)`` with one member) as in any ensemble. Pickled and saved with the model.
 
     Arrays passed to methods: X [n, d] (shared by the members) or [E, n, d]; Y [n, k] or [E, n, k] (a 1-D Y [n] is
     one column). They are converted as numpy converts arrays: any real dtype is cast to the model's and a C-contiguous
@@ -98,6 +101,7 @@ class TwoLayer:
         self.W = np.ascontiguousarray(W, dtype=self.dtype)
         self.a = np.ascontiguousarray(a, dtype=self.dtype)
         self.b = np.zeros((self.ensemble, self.m), dtype=self.dtype) if self._bias else None
+        self.init_index = np.zeros(self.ensemble, np.int64) if same_init else np.arange(self.ensemble, dtype=np.int64)
 
     def _configure(self, d, m, k, activation, param, bias, ensemble, dtype) -> None:
         """Checked sizes, names and dtype, and the parameterization's scaling (no parameters)."""
@@ -122,20 +126,26 @@ class TwoLayer:
     def __setstate__(self, state: dict) -> None:
         self._configure(state["d"], state["m"], state["k"], state["activation"], state["param"], state["_bias"],
                         state["ensemble"], state["dtype"])
+        # a pickle from before init_index existed: members keyed by position, as they were then
+        self.init_index = np.arange(state["ensemble"], dtype=np.int64)
         self.__dict__.update(state)
 
     def save(self, path) -> None:
-        """Write the parameters (bit for bit) and the activation and parameterization to ``path``, a ``.npz``."""
+        """Write the parameters (bit for bit), ``init_index`` and the activation and parameterization to ``path``, a
+        ``.npz``."""
         biases = {} if self.b is None else {"b": self.b}
         header = json.dumps({"activation": self.activation, "param": self.param})
-        np.savez(path, W=self.W, a=self.a, **biases, __header__=header)
+        np.savez(path, W=self.W, a=self.a, **biases, init_index=self.init_index, __header__=header)
 
     @classmethod
     def load(cls, path) -> "TwoLayer":
         """The model ``save`` wrote to ``path``."""
         with np.load(path, allow_pickle=False) as data:
             b = data["b"] if "b" in data.files else None
-            return cls.from_arrays(data["W"], b, data["a"], **json.loads(str(data["__header__"])))
+            model = cls.from_arrays(data["W"], b, data["a"], **json.loads(str(data["__header__"])))
+            if "init_index" in data.files:  # files written before init_index existed keep from_arrays' e
+                model.init_index = np.array(data["init_index"], dtype=np.int64)
+            return model
 
     @classmethod
     def from_arrays(cls, W: np.ndarray, b: np.ndarray | None, a: np.ndarray, activation: str = "relu",
@@ -148,6 +158,7 @@ class TwoLayer:
         model = cls.__new__(cls)
         model._configure(d, m, a.shape[1], activation, param, b is not None, E, W.dtype)
         model.W, model.b, model.a = W, b, a
+        model.init_index = np.arange(E, dtype=np.int64)
         return model
 
     # -- parameters: checked when assigned, so kernel calls need not check them again ----------------------------
@@ -237,22 +248,36 @@ class TwoLayer:
                   tol: float = 1e-6, max_matvecs: int = 1000, which: str = "LA", v0=None, seed: int = 0):
         """Top-k eigenpairs of each member's loss Hessian (the sharpness is ``values[:, 0]``). With which "LA"/"LM"
         they are computed natively by Lanczos (``method="lanczos"``) or power iteration (``"power"``, k = 1, largest
-        magnitude) on the fused HVP, with no Python per product, and for k > 1 certified by
-        ``physai.spectrum.certified_top_k`` on ``hessian_operator`` (every copy of a repeated eigenvalue found);
-        which "SA"/"BE" runs ``physai.spectrum.lanczos`` on ``hessian_operator``. ``v0``
-        [E, P] warm-starts from earlier eigenvectors. A member whose loss is not finite (diverged, in a
+        magnitude; for "LA" a member whose dominant eigenvalue is negative is solved again on a shifted operator by
+        ``physai.spectrum.largest_algebraic_by_power``) on the fused HVP, with no Python per product; Lanczos's
+        pairs are certified by ``physai.spectrum.certified_top_k`` on ``hessian_operator`` (every copy of a repeated
+        eigenvalue found, true residuals recomputed); which "SA"/"BE" runs ``physai.spectrum.lanczos`` on
+        ``hessian_operator``. ``v0`` [E, P] warm-starts from earlier eigenvectors; the rows of diverged members are
+        ignored (NaN, as their earlier result). A member whose loss is not finite (diverged, in a
         learning-rate sweep) gets NaN values and vectors, converged False and diverged True; the others are solved
         as an ensemble of their own. Returns a ``physai.spectrum.EigenResult`` (values [E, k], vectors [E, k, P],
         matvecs [E], converged [E], diverged [E])."""
-        from physai.spectrum import EigenResult, certified_top_k, lanczos
+        from physai.spectrum import EigenResult, certified_top_k, lanczos, largest_algebraic_by_power
 
         X, Y, code = self._check_XY(X, Y, loss)
         which = check_choice(which, "which", ("LA", "SA", "LM", "BE"))
         options = self._eig_options(k, method, tol, max_matvecs, which if which in ("LA", "LM") else "LA", seed)
+        if method == "lanczos" and max_matvecs >= 2 * k:  # certified_top_k's final residual check takes k matvecs
+            options = self._eig_options(k, method, tol, max_matvecs - k, which if which in ("LA", "LM") else "LA",
+                                        seed)
         if method == "power" and which not in ("LA", "LM"):
             raise ValueError(f"which: power iteration finds the largest-magnitude eigenvalue, got which={which!r}")
-        v0 = check_v0(v0, self.ensemble, self.num_params, self.dtype)
         finite = np.isfinite(self.loss_and_grad(X, Y, loss)[0])
+        if v0 is not None:
+            v0 = np.array(v0)  # a copy: the rows of diverged members are overwritten below
+            if v0.ndim == 1:
+                v0 = v0[None]
+            if v0.dtype.kind in "iuf" and v0.shape == (self.ensemble, self.num_params):
+                for e in np.flatnonzero(finite):
+                    if not (np.isfinite(v0[e]).all() and np.abs(v0[e]).max() > 0):
+                        raise ValueError(f"v0: row {e} (member {e}, not diverged) must be finite and nonzero")
+                v0[~finite] = 1  # diverged members are not solved: their rows are unused
+        v0 = check_v0(v0, self.ensemble, self.num_params, self.dtype)
         if not finite.all():
             result = EigenResult(np.full((self.ensemble, k), np.nan, self.dtype),
                                  np.full((self.ensemble, k, self.num_params), np.nan, self.dtype),
@@ -270,9 +295,12 @@ class TwoLayer:
             return lanczos(self.hessian_operator(X, Y, loss), k=k, which=which, tol=tol, max_matvecs=max_matvecs,
                            v0=v0, seed=seed)
         first = self._native("hessian_eigs")(X, Y, self.W, self.b, self.a, self.config, code, options, v0)
-        if k == 1:
-            return EigenResult(*first)
         op = self.hessian_operator(X, Y, loss)
+        if method == "power":
+            if which == "LA":
+                first = largest_algebraic_by_power(op.matvec, self.ensemble, self.num_params, self.dtype, first,
+                                                   tol=tol, max_matvecs=max_matvecs, seed=seed)
+            return EigenResult(*first)
         return EigenResult(*certified_top_k(op.matvec, self.ensemble, self.num_params, self.dtype, k=k, which=which,
                                             tol=tol, max_matvecs=max_matvecs, seed=seed, first=first))
 
@@ -332,7 +360,11 @@ class TwoLayer:
 
         ``track_sharpness_every=s`` records, every s steps and before that step's update, the top eigenvalue of each
         member's full-batch loss Hessian, warm-started from the previous top eigenvector (a few HVPs per step), to
-        relative residual ``sharpness_tol``.
+        relative residual ``sharpness_tol`` (Lanczos's estimate of it, not rechecked as ``sharpness`` does). With
+        ``sharpness_method="power"`` it is the largest-*magnitude* eigenvalue, which is the top one only while no
+        negative eigenvalue is larger in magnitude; "lanczos" (the default) tracks the top one. Member e's first
+        start is random from the stream keyed by ``init_index[e]``, so a member's values do not depend on the rest
+        of the ensemble.
 
         Returns a ``Trajectory``: losses [steps, E] (each step's loss before its update; the loss after the last
         update is ``loss_and_grad(X, Y)[0]``), ``diverged`` [E], and when tracking sharpness [T, E],
@@ -355,7 +387,8 @@ class TwoLayer:
         s = self.scaling
         losses, sharpness, matvecs = self._native("train")(X, Y, self.W, self.b, self.a, self.config, code,
                                                            rates, s.lr_W, s.lr_b, s.lr_a, steps,
-                                                           batch_size, every, options)
+                                                           batch_size, every, options,
+                                                           np.ascontiguousarray(self.init_index, dtype=np.int64))
         tracked_steps = np.arange(0, steps, every) if every else np.zeros(0, dtype=np.int64)
         return Trajectory(losses, sharpness, tracked_steps, matvecs)
 
