@@ -205,3 +205,91 @@ def test_two_layer_ntk_bad_inputs_are_named():
         empirical_ntk(net, [[0.0, 0.0, 0.0]])
     with pytest.raises(ValueError, match="V: expected shape"):
         NTKOperator(net, np.zeros((4, 3))).matvec(np.zeros((2, 3)))
+
+
+# -- review of issue 12: random layers, train-mode BatchNorm, tuple outputs, devices ------------------------------
+
+def blockwise_jacobian(model, X, block_size, seed, output=lambda o: o):
+    """J by jacrev on each block, its random draws seeded as physai seeds block i, buffers copied (untouched)."""
+    from physai.spectrum.torch_model import _batch_seed
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    rows = []
+    for i, start in enumerate(range(0, len(X), block_size)):
+        def f(p, x=X[start:start + block_size]):
+            state = {**p, **{name: b.clone() for name, b in model.named_buffers()}}
+            return output(torch.func.functional_call(model, state, (x,))).reshape(-1)
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_batch_seed(seed, i))
+            J = torch.func.jacrev(f)(params)
+        rows.append(torch.cat([J[name].reshape(J[name].shape[0], -1) for name in params], dim=1))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("block_size", [4, 64])
+def test_dropout_in_train_mode_gives_one_fixed_kernel_and_operator(block_size):
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(8, 2)).to(F64).train()
+    X = torch.randn(12, 3, dtype=F64)
+    J = blockwise_jacobian(model, X, block_size, seed=3)
+    gram = (J @ J.T).numpy()
+    torch.testing.assert_close(ntk_gram(model, X, block_size=block_size, seed=3), J @ J.T, rtol=1e-12, atol=1e-12)
+    op = TorchNTK(model, X, block_size=block_size, seed=3)
+    rng = np.random.default_rng(0)
+    U = rng.standard_normal((2, 1, op.n))
+    np.testing.assert_allclose(op.matvec(U[0])[0], gram @ U[0, 0], rtol=1e-10, atol=1e-12)
+    assert abs(U[0, 0] @ op.matvec(U[1])[0] - op.matvec(U[0])[0] @ U[1, 0]) < 1e-10  # symmetric
+    result = ntk_eigs(model, X, k=2, block_size=block_size, seed=3, tol=1e-8)
+    assert result.converged[0] and result.matvecs[0] < 100
+    np.testing.assert_allclose(result.values[0], np.linalg.eigvalsh(gram)[::-1][:2], rtol=1e-8)
+
+
+def test_batchnorm_in_train_mode_runs_on_whole_blocks_and_leaves_buffers():
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 2)).to(F64).train()
+    X = torch.randn(16, 3, dtype=F64)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    J = blockwise_jacobian(model, X, 1024, seed=0)
+    result = ntk_eigs(model, X, k=3, tol=1e-8)  # one block: batch statistics over all 16 samples
+    assert result.converged[0]
+    np.testing.assert_allclose(result.values[0], np.linalg.eigvalsh((J @ J.T).numpy())[::-1][:3], rtol=1e-8)
+    torch.testing.assert_close(ntk_gram(model, X, block_size=8), blockwise_jacobian(model, X, 8, 0) @
+                               blockwise_jacobian(model, X, 8, 0).T, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(b, buffers[name]) for name, b in model.named_buffers())
+
+
+def test_a_model_returning_a_tuple_is_read_through_output_fn():
+    torch.manual_seed(7)
+
+    class WithAux(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp(7)
+
+        def forward(self, x):
+            out = self.net(x)
+            return out, {"norm": out.norm()}
+
+    model = WithAux()
+    X = torch.randn(9, 3, dtype=F64)
+    J = blockwise_jacobian(model, X, 64, 0, output=lambda o: o[0])
+    torch.testing.assert_close(ntk_gram(model, X, output_fn=lambda o: o[0]), J @ J.T, rtol=1e-12, atol=1e-12)
+    result = ntk_eigs(model, X, output_fn=lambda o: o[0], tol=1e-8)
+    np.testing.assert_allclose(result.values[0, 0], np.linalg.eigvalsh((J @ J.T).numpy())[-1], rtol=1e-8)
+    with pytest.raises(TypeError, match="output_fn"):
+        ntk_gram(model, X)
+    with pytest.raises(TypeError, match="output_fn"):
+        ntk_eigs(model, X, output_fn="first")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ntk_operator_on_a_cuda_model_matches_the_cpu():
+    model, X = mlp(8), torch.randn(20, 3, dtype=F64)
+    cpu = ntk_eigs(model, X, k=2, tol=1e-8)
+    gpu = ntk_eigs(model.cuda(), X.cuda(), k=2, tol=1e-8)
+    np.testing.assert_allclose(gpu.values, cpu.values, rtol=1e-8)
+    J = jacobian(model, X.cuda())
+    torch.testing.assert_close(ntk_gram(model, X.cuda()), J @ J.T)

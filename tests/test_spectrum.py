@@ -524,3 +524,67 @@ def test_spectrum_never_imports_twolayer_or_torch():
             "print(sorted(m for m in sys.modules if m.startswith('physai.twolayer') or m == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --- review of issue 12: power iteration's "LA", true residuals, eigenvalues near zero ---------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_power_iteration_la_is_the_largest_algebraic_when_a_negative_one_dominates(dtype):
+    A = symmetric_batch(3, 12, seed=21, spectrum=[-5.0, -4.0, 1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.0, -0.1, -0.2, -0.3])
+    A[2] = -A[2]  # a member whose dominant eigenvalue is positive: no second run
+    truth = np.linalg.eigvalsh(A)
+    tol = 1e-4 if dtype == np.float32 else 1e-8
+    la = power_iteration(DenseOperator(A.astype(dtype)), tol=tol, max_matvecs=20000, which="LA")
+    lm = power_iteration(DenseOperator(A.astype(dtype)), tol=tol, max_matvecs=20000, which="LM")
+    assert la.converged.all() and lm.converged.all()
+    np.testing.assert_allclose(la.values[:, 0], truth[:, -1], rtol=10 * tol)
+    np.testing.assert_allclose(lm.values[:, 0], [-5.0, -5.0, 5.0], rtol=10 * tol)
+    for b in range(3):  # the returned pair is an eigenpair of A itself, not of the shifted operator
+        y = la.vectors[b, 0].astype(np.float64)
+        assert np.linalg.norm(A[b] @ y - la.values[b, 0] * y) <= 20 * tol * 5.0
+    assert la.matvecs[2] == lm.matvecs[2] and (la.matvecs[:2] > lm.matvecs[:2]).all()
+    with pytest.raises(ValueError, match="which"):
+        power_iteration(DenseOperator(A), which="SA")
+
+
+@pytest.mark.parametrize("dtype,floor", [(np.float32, 1e-9), (np.float64, 1e-17)])
+def test_a_tol_below_the_rounding_floor_is_not_reported_converged(dtype, floor):
+    A = symmetric_batch(1, 200, seed=3)
+    op = DenseOperator(A.astype(dtype))
+    for tol in (floor, 1e-4 if dtype == np.float32 else 1e-10):
+        result = lanczos(op, k=3, tol=tol, max_matvecs=400)
+        top = abs(result.values[0, 0])
+        residuals = [np.linalg.norm(A[0] @ y - theta * y) for theta, y in
+                     zip(result.values[0].astype(np.float64), result.vectors[0].astype(np.float64))]
+        # converged exactly when every true residual (against the float64 matrix) is within tol, up to the
+        # operator's own rounding, which the float32 matvec adds
+        slack = 10 * np.finfo(dtype).eps * np.abs(A[0]).sum(1).max()
+        if result.converged[0]:
+            assert max(residuals) <= tol * top + slack
+        else:
+            assert tol == floor
+    assert not lanczos(op, k=3, tol=floor, max_matvecs=400).converged[0]
+
+
+def test_an_eigenvalue_near_zero_converges_relative_to_the_largest_wanted():
+    spectrum = [3.0, 2.0, 1e-13] + list(np.linspace(-1.0, -2.0, 27))
+    A = symmetric_batch(2, 30, seed=8, spectrum=spectrum)
+    result = lanczos(DenseOperator(A), k=3, tol=1e-8, max_matvecs=300)
+    assert result.converged.all()
+    np.testing.assert_allclose(result.values, [[3.0, 2.0, 1e-13]] * 2, rtol=1e-12, atol=1e-12)
+    for b in range(2):
+        for theta, y in zip(result.values[b], result.vectors[b]):
+            assert np.linalg.norm(A[b] @ y - theta * y) <= 1e-8 * 3.0
+    # the native kernel and its numpy twin apply the same test: same pairs, same matvec counts
+    native = certified_top_k(DenseOperator(A).matvec, 2, 30, np.float64, k=3, which="LA", tol=1e-8,
+                             max_matvecs=300, seed=4)
+    twin = certified_top_k(DenseOperator(A).matvec, 2, 30, np.float64, k=3, which="LA", tol=1e-8,
+                           max_matvecs=300, seed=4, krylov=reference_krylov)
+    np.testing.assert_array_equal(native[2], twin[2])
+    np.testing.assert_array_equal(native[3], twin[3])
+    np.testing.assert_allclose(native[0], twin[0], rtol=1e-12, atol=20 * np.finfo(float).eps * 3.0)  # eps ||A||
+    # a tolerance relative to the eigenvalue alone (the old test) is out of reach for the third pair: the twin's
+    # first Lanczos run with a tolerance of 1e-8 * 1e-13 / 3 would have to reach residual ~3e-22
+    values, _, counts, conv = ref.lanczos(DenseOperator(A).matvec, 2, 30, k=3, which="LA", tol=1e-21, max_matvecs=300,
+                                          seed=4)
+    assert not conv.any() and (counts == 300).all()

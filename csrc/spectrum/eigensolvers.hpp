@@ -30,7 +30,7 @@ enum class Which { LargestAlgebraic, LargestMagnitude };
 struct Options {
   int64_t k = 1;                 // wanted eigenpairs per member
   Which which = Which::LargestAlgebraic;
-  double tol = 1e-6;             // converged when ||A y - theta y|| <= tol * |theta| for each wanted pair
+  double tol = 1e-6;             // converged when ||A y - theta y|| <= tol * max(|theta|, |theta_1|), each pair
   int64_t max_matvecs = 1000;    // per member
   int64_t ncv = 0;               // Krylov dimension (Lanczos); 0 = min(n, max(2k + 1, 20))
   uint64_t seed = 0;             // starting vectors when no warm start is given
@@ -345,9 +345,12 @@ void lanczos(MatVec&& matvec, int64_t batch, int64_t n, const Options& opt, cons
       if (invariant) beta = 0.0;
       if (invariant && rows < n) s.exhausted = true;
       bool ok = rows >= k && (!s.exhausted || rows == m);
+      // Relative to the larger of the pair's and the most wanted pair's magnitude: a residual relative to an
+      // eigenvalue near zero alone would be out of reach of the arithmetic, however long the run.
+      const double top = std::abs(s.theta[order[0]]);
       for (int i = 0; ok && i < k; ++i) {
         const double residual = beta * std::abs(s.S[j + static_cast<size_t>(order[i]) * rows]);
-        ok = residual <= opt.tol * std::abs(s.theta[order[i]]) || residual == 0.0;
+        ok = residual <= opt.tol * std::max(std::abs(s.theta[order[i]]), top) || residual == 0.0;
       }
       // rows >= k also on the last allowed matvec, since max_matvecs >= k.
       if (ok || matvecs[b] >= opt.max_matvecs) {

@@ -5,7 +5,7 @@ An operator is any object with ``shape`` ``(batch, n, n)`` (or ``(n, n)`` for ba
 is member b's operator applied to V[b] (the protocol of ``scipy.sparse.linalg.aslinearoperator``, with a batch).
 Each member gets its own spectrum. The Krylov solvers run natively (csrc/spectrum/) with the GIL released; it is
 re-acquired only to call ``matvec``. :func:`lanczos` adds, in Python, the search of the complement that makes
-top-k safe under repeated eigenvalues (see its docstring).
+top-k safe under repeated eigenvalues and a check of each pair's true residual (see :func:`certified_top_k`).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ class EigenResult:
 
     values: [batch, k] (operator dtype); vectors: [batch, k, n] unit-norm, sign fixed so the largest-magnitude
     entry is positive; matvecs: [batch] int64, matvecs spent on each member; converged: [batch] bool, every returned
-    pair certified (residual within tolerance and, for k > 1, no more-wanted eigenvalue left in the complement);
+    pair certified (its true residual ||A y - theta y||, recomputed from the returned vector, within tolerance and,
+    for k > 1, no more-wanted eigenvalue left in the complement);
     diverged: [batch] bool, members whose operator could not be evaluated (a non-finite loss): their values are NaN.
     """
 
@@ -109,6 +110,33 @@ def _krylov(matvec, batch, n, dtype, k, which, tol, max_matvecs, ncv, seed, v0):
                                             ncv, seed, v0)
 
 
+def verify_residuals(matvec, batch: int, n: int, dtype, values: np.ndarray, vectors: np.ndarray,
+                     counts: np.ndarray, converged: np.ndarray, tol: float, max_matvecs: int) -> np.ndarray:
+    """Recomputes each claimed pair's true residual: ``converged[b]`` stays True only if every pair i of member b
+    has ||A y_i - theta_i y_i|| <= tol * max(|theta_i|, |theta_1|) with A y_i from one more matvec (k per member,
+    added to ``counts``; arrays updated in place), and only if those k matvecs fit in ``max_matvecs``. Lanczos's
+    own test uses its estimate beta |s| of that residual, which keeps falling below the rounding floor (~eps ||A||
+    in the operator's dtype) that the true one stops at: a tol under that floor is then reported unconverged
+    instead of certified. Returns the members [batch] bool whose claim was checked and failed."""
+    k = values.shape[1]
+    converged &= counts + k <= max_matvecs  # a claim that cannot be checked within the budget is not certified
+    claimed = np.flatnonzero(converged)
+    ok = np.ones(batch, bool)
+    if not len(claimed):
+        return ~ok
+    for i in range(k):
+        V = np.zeros((batch, n), dtype=dtype)
+        V[claimed] = vectors[claimed, i]
+        AV = np.asarray(matvec(V), dtype=np.float64)
+        counts[claimed] += 1
+        for b in claimed:
+            theta, y = float(values[b, i]), vectors[b, i].astype(np.float64)
+            ok[b] &= np.linalg.norm(AV[b] - theta * y) <= tol * max(abs(theta), abs(float(values[b, 0])))
+    failed = converged & ~ok
+    converged &= ok
+    return failed
+
+
 def _more_wanted(theta: float, than: float, which: str, tol: float) -> bool:
     """Whether ``theta`` is more wanted than ``than`` by more than the relative tolerance (ties are either copy)."""
     margin = tol * max(abs(theta), abs(than))
@@ -138,16 +166,55 @@ def certified_top_k(matvec, batch: int, n: int, dtype, *, k: int, which: str, to
     every member, so a member's result depends neither on its index nor on the other members). A complement
     eigenvalue more wanted than the current k-th (beyond ``tol``) is a missed copy: it joins the locked set and the
     search repeats; otherwise the member's k pairs are certified. Rounds end after at most n - k extra locks, or
-    when the budget ``max_matvecs`` (per member, all rounds together) is spent: then converged is False. This is
+    when the budget ``max_matvecs`` (per member, all rounds and the final check together; a ``first`` run must
+    have kept k of it) is spent: then converged is False. This is
     PyHessian's deflation (Yao et al. 2020, Sec. 3) used as a check, with Lanczos instead of power iteration.
+    Last, the true residual of every claimed pair is recomputed (:func:`verify_residuals`, k more matvecs). Lanczos's
+    residual estimate can pass where the true residual is a little above tol (float32 bases): such members are
+    solved again, warm-started from their top vector, with the Krylov tolerance tol / 10 and then tol / 100, within
+    what is left of the budget, and checked again at tol.
     Returns (values [batch, k], vectors [batch, k, n], matvecs [batch], converged [batch]).
     """
     krylov = _krylov if krylov is None else krylov
+    values, vectors, counts, converged, failed = _attempt(matvec, batch, n, dtype, k, which, tol, tol, max_matvecs,
+                                                          ncv, seed, v0, first, krylov)
+    for tighter in (t for t in (tol / 10, tol / 100) if t > 0):  # a subnormal tol has no tighter one
+        rows = np.flatnonzero(failed & (counts + 2 * k <= max_matvecs))
+        if not len(rows):
+            break
+
+        def subset(V, rows=rows):
+            full = np.zeros((batch, n), dtype=dtype)
+            full[rows] = V
+            return np.asarray(matvec(full))[rows]
+
+        again = _attempt(subset, len(rows), n, dtype, k, which, tol, tighter, max_matvecs - int(counts[rows].max()),
+                         ncv, seed, np.ascontiguousarray(vectors[rows, 0], dtype=dtype), None, krylov)
+        values[rows], vectors[rows], converged[rows] = again[0], again[1], again[3]
+        counts[rows] += again[2]
+        failed = np.zeros(batch, bool)
+        failed[rows] = again[4]
+    return values, vectors, counts, converged
+
+
+def _attempt(matvec, batch, n, dtype, k, which, tol, krylov_tol, max_matvecs, ncv, seed, v0, first, krylov):
+    """One pass of :func:`certified_top_k`: Krylov run (unless ``first``) and complement searches to ``krylov_tol``,
+    then the residual check at ``tol``. Returns (values, vectors, matvecs, converged, failed check) [batch, ...]."""
+    # the k matvecs of the final residual check are kept out of the searches' budget when it leaves them room
+    search_budget = max_matvecs - k if max_matvecs >= 2 * k else max_matvecs
     if first is None:
-        first = krylov(matvec, batch, n, dtype, k, which, tol, max_matvecs, ncv, seed, v0)
+        first = krylov(matvec, batch, n, dtype, k, which, krylov_tol, search_budget, ncv, seed, v0)
     values, vectors, counts, converged = (np.array(x) for x in first)
-    if k == 1 or k == n:  # one pair: copies do not matter; all n: nothing left to miss
-        return values, vectors, counts, converged
+    if k > 1 and k < n:  # one pair: copies do not matter; all n: nothing left to miss
+        _search_complement(matvec, batch, n, dtype, k, which, krylov_tol, search_budget, ncv, seed, krylov, values,
+                           vectors, counts, converged)
+    failed = verify_residuals(matvec, batch, n, dtype, values, vectors, counts, converged, tol, max_matvecs)
+    return values, vectors, counts, converged, failed
+
+
+def _search_complement(matvec, batch, n, dtype, k, which, tol, max_matvecs, ncv, seed, krylov, values, vectors,
+                       counts, converged) -> None:
+    """The locked searches of :func:`certified_top_k`, updating its arrays in place."""
     locked = [vectors[b].astype(np.float64) for b in range(batch)]
     active = [b for b in range(batch) if converged[b]]
     round_ = 0
@@ -193,7 +260,6 @@ def certified_top_k(matvec, batch: int, n: int, dtype, *, k: int, which: str, to
             if len(locked[b]) < n:
                 still.append(b)
         active = still
-    return values, vectors, counts, converged
 
 
 class _Negated:
@@ -214,9 +280,13 @@ def lanczos(op, k: int = 1, which: str = "LA", tol: float = 1e-6, max_matvecs: i
     op: operator with shape (batch, n, n), dtype float32/float64 and a batched ``matvec`` (see module doc).
     k: eigenpairs per member, 1 <= k <= n. which: "LA" (largest algebraic), "SA" (smallest algebraic, the most
     negative first), "LM" (largest magnitude) or "BE" (both ends: the ceil(k/2) largest, most positive first, then
-    the floor(k/2) smallest, most negative first). tol: a pair is converged when ||A y - theta y|| <= tol * |theta|;
-    the eigenvalue is then within ~(tol theta)^2 / gap of the true one (Kato-Temple bound, Parlett, *The Symmetric
-    Eigenvalue Problem*, Thm 10.6.1). max_matvecs: matvecs per member (per end for "BE"), >= k.
+    the floor(k/2) smallest, most negative first). tol: a pair is converged when its true residual
+    ||A y - theta y|| <= tol * max(|theta|, |theta_1|), theta_1 the most wanted value (relative to theta_1 too, so
+    eigenvalues near zero below a larger one can converge; a most wanted value itself near zero, as for "SA" or the
+    lower end of "BE" on a positive semidefinite operator with a null space, cannot: converged is then False); the eigenvalue is then within ~(tol theta_1)^2 / gap of the true one
+    (Kato-Temple bound, Parlett, *The Symmetric Eigenvalue Problem*, Thm 10.6.1). A tol below the rounding floor of
+    the operator's dtype (~1e-7 ||A|| / |theta_1| in float32, ~1e-15 in float64) cannot be met: converged is then
+    False. max_matvecs: matvecs per member (per end for "BE"), >= k.
     ncv: Krylov dimension before a thick restart (default min(n, max(2k + 1, 20))), in (k, n] or equal n.
     v0: warm start [batch, n] (or [n]), e.g. the previous top eigenvector; default random from ``seed``.
 
@@ -252,18 +322,56 @@ def lanczos(op, k: int = 1, which: str = "LA", tol: float = 1e-6, max_matvecs: i
                        top[2] + bottom[2], top[3] & bottom[3])
 
 
-def power_iteration(op, tol: float = 1e-6, max_matvecs: int = 10000, v0=None, seed: int = 0) -> EigenResult:
-    """Dominant (largest-magnitude) eigenpair of each member by power iteration.
+def largest_algebraic_by_power(matvec, batch: int, n: int, dtype, first: tuple, *, tol: float,
+                               max_matvecs: int, seed: int = 0) -> tuple:
+    """The largest algebraic eigenpair from power iteration's dominant one ``first`` (values [batch, 1], vectors
+    [batch, 1, n], matvecs [batch], converged [batch]): a member whose dominant eigenvalue theta is negative is
+    solved again on A - theta I, whose spectrum lies in [0, lambda_max - theta] so that its dominant eigenvalue is
+    lambda_max - theta (residual then relative to lambda_max - theta, up to max_matvecs more matvecs, converged
+    only if both runs were). ``matvec`` maps [batch, n] to [batch, n] in ``dtype``. Returns the same tuple."""
+    values, vectors, counts, converged = (np.array(x) for x in first)
+    negative = np.flatnonzero(values[:, 0] < 0)
+    if not len(negative):
+        return values, vectors, counts, converged
+    shifts = values[negative, 0].astype(np.float64)
+
+    def shifted(V):
+        full = np.zeros((batch, n), dtype=dtype)
+        full[negative] = V
+        return np.asarray(matvec(full), dtype=np.float64)[negative] - shifts[:, None] * V
+
+    solve = _native_solver("power_iteration", dtype)
+    mu, y, used, ok = solve(_callback(shifted, len(negative), n, dtype), len(negative), n, tol, max_matvecs, seed,
+                            None)
+    values[negative, 0] = mu[:, 0] + shifts
+    vectors[negative] = y
+    counts[negative] += used
+    converged[negative] &= ok
+    return values, vectors, counts, converged
+
+
+def power_iteration(op, tol: float = 1e-6, max_matvecs: int = 10000, v0=None, seed: int = 0,
+                    which: str = "LM") -> EigenResult:
+    """The dominant (``which="LM"``, largest-magnitude) or the largest algebraic (``"LA"``) eigenpair of each
+    member by power iteration.
 
     Same operator and result conventions as :func:`lanczos` with k=1; converged when
-    ||A v - theta v|| <= tol * |theta| (a residual test, the same as Lanczos, so matvec counts compare). Power
-    iteration needs ~log(tol) / log(|lambda_2 / lambda_1|) matvecs where Lanczos needs ~its square root
-    (Saad, *Numerical Methods for Large Eigenvalue Problems*, Sec. 6.6): prefer :func:`lanczos`.
+    ||A v - theta v|| <= tol * |theta| (a true residual, from the returned vector, as Lanczos certifies, so matvec
+    counts compare). Power iteration converges to the largest *magnitude*; for "LA" a member whose dominant
+    eigenvalue is negative runs again on a shifted operator (:func:`largest_algebraic_by_power`; up to
+    ``max_matvecs`` more). Power iteration needs ~log(tol) / log(|lambda_2 / lambda_1|) matvecs where Lanczos
+    needs ~its square root (Saad, *Numerical Methods for Large Eigenvalue Problems*, Sec. 6.6): prefer
+    :func:`lanczos`. Raises TypeError / ValueError naming the bad argument.
     """
     batch, n, dtype = _operator_dims(op)
     tol = check_float(tol, "tol", positive=True)
     max_matvecs = check_int(max_matvecs, "max_matvecs", min=1, max=MAX_INT64)
     seed = check_seed(seed)
     v0 = check_v0(v0, batch, n, dtype)
-    solve = _native_solver("power_iteration", dtype)
-    return EigenResult(*solve(_callback(op.matvec, batch, n, dtype), batch, n, tol, max_matvecs, seed, v0))
+    which = check_choice(which, "which", ("LM", "LA"))
+    matvec = _callback(op.matvec, batch, n, dtype)
+    first = _native_solver("power_iteration", dtype)(matvec, batch, n, tol, max_matvecs, seed, v0)
+    if which == "LA":
+        first = largest_algebraic_by_power(matvec, batch, n, dtype, first, tol=tol, max_matvecs=max_matvecs,
+                                           seed=seed)
+    return EigenResult(*first)

@@ -106,8 +106,10 @@ def lanczos(matvec, batch: int, n: int, *, k: int, which: str, tol: float, max_m
             if invariant:
                 beta = 0.0
                 exhausted[b] |= rows < n
+            top = abs(theta[order[0]])  # residuals relative to max(|theta_i|, |theta_1|), as natively
             ok = rows >= k and (not exhausted[b] or rows == m) and all(
-                beta * abs(S[jb, i]) <= tol * abs(theta[i]) or beta * abs(S[jb, i]) == 0.0 for i in order[:k])
+                beta * abs(S[jb, i]) <= tol * max(abs(theta[i]), top) or beta * abs(S[jb, i]) == 0.0
+                for i in order[:k])
             if ok or counts[b] >= max_matvecs:
                 for i in range(k):
                     values[b, i] = theta[order[i]]

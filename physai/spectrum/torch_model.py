@@ -6,25 +6,34 @@ Data and weighting. ``data`` is one batch or an iterable of batches (a list, a D
 pair may be passed alone when its targets are a tensor. With ``loss_form="model"`` the loss is
 ``loss_fn(model, batch)`` for any batch structure (LEGO's dict batches, say): ``model`` is then the model run on the
 parameters being differentiated, to be called as usual; ``data`` must be an iterable of batches (a lone dict is one
-batch). Each batch counts ``batch_size(batch)`` samples: by default the leading extent of the targets (or, with
+batch; a tuple of tensors is refused as ambiguous, since a lone ``(X, Y)`` would read as two batches: pass
+``[(X, Y)]``). A generator or other one-pass iterator is read once into a list (it could not be read again for the
+next HVP). Each batch counts ``batch_size(batch)`` samples: by default the leading extent of the targets (or, with
 ``loss_form="model"``, of the first tensor in the batch, all tensors agreeing). With ``reduction="mean"`` (the
 default) ``loss_fn`` returns a per-batch *mean* and the operator is the Hessian of the mean loss over every sample,
 sum_b n_b H_b / sum_b n_b; with ``reduction="sum"`` it returns a per-batch *sum* and the operator is the Hessian
-of the total, sum_b H_b. A torch loss module or ``functools.partial`` whose own ``reduction`` disagrees is refused.
+of the total, sum_b H_b. A torch loss module or ``functools.partial`` whose own ``reduction`` disagrees is refused,
+and (for ``loss_form="outputs"``) so is a loss that behaves otherwise: it is evaluated once on the first batch's
+outputs and on those outputs repeated twice, where a mean stays the same and a sum doubles.
 
 HVPs are reverse-over-reverse: ``torch.func.vjp`` of ``torch.func.grad`` of the loss through
 ``torch.func.functional_call`` over the parameters and a fresh copy of the buffers. (Forward-over-reverse fails in
 torch 2.13 on ``mse_loss`` and measured 1.7x slower on a 64-256-10 MLP, n=2048.) For in-memory data (a list or
 one batch) the graph of each batch's gradient is built once and each HVP is one double-backward pass over it, as
-PyHessian does (``cache_graphs``).
+PyHessian does (``cache_graphs``); memory then holds every batch's graph (activations included), growing with the
+data: for large data pass a DataLoader (re-iterated for each HVP, one batch's graph at a time). The operator must be
+the same on every HVP, so a DataLoader with a shuffling sampler is refused unless its batches are cached.
 
 Model mode: the model is used in whatever mode the caller put it in and is never switched. In train mode
 BatchNorm uses batch statistics and dropout is active (the Hessian is then that of the stochastic, batch-dependent
 loss; call ``model.eval()`` first for the deterministic network); buffers are copied for every evaluation, so the
-module's running statistics are left exactly as they were.
+module's running statistics are left exactly as they were. Random layers draw the same values on every HVP: batch i
+runs with torch's generators seeded from ``(seed, i)`` (torch's own random state is restored afterwards), so the
+Hessian is that of one fixed draw of dropout masks, a symmetric operator the solvers can certify.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -41,6 +50,36 @@ def _torch():
     import torch
 
     return torch
+
+
+class _Counted:
+    """An operator (``shape``, ``dtype``, ``matvec``) whose matvecs advance a progress bar ``bar``."""
+
+    def __init__(self, op, bar):
+        self.op, self.bar, self.shape, self.dtype = op, bar, op.shape, op.dtype
+
+    def matvec(self, V):
+        out = self.op.matvec(V)
+        self.bar.update()
+        return out
+
+
+def _batch_seed(seed: int, index: int) -> int:
+    """The torch seed of batch (or block) ``index``: fixed, so random layers draw alike on every pass."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+@contextlib.contextmanager
+def _fixed_rng(torch, device, seed: int):
+    """Runs its body with torch's generators (CPU and ``device``'s) seeded by ``seed`` and restores them after, so
+    dropout draws the same masks on every pass while the caller's random stream is left as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # only the generators fork_rng restores (torch.manual_seed would reseed every GPU)
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def _progress_bar(enabled, desc: str):
@@ -87,11 +126,17 @@ def _is_pair(batch, torch) -> bool:
 
 
 def _batches(data, loss_form, torch):
+    """The batches of ``data``: a list when in memory (a one-pass iterator is read into one), else the iterable."""
     if isinstance(data, torch.Tensor):
         raise TypeError("data: expected (inputs, targets) tensors or an iterable of such batches, got one tensor")
     if loss_form == "outputs" and _is_pair(data, torch) or loss_form == "model" and isinstance(data, dict):
         return [data]
+    if loss_form == "model" and isinstance(data, tuple) and data and all(isinstance(x, torch.Tensor) for x in data):
+        raise ValueError(f"data: with loss_form='model', a tuple of {len(data)} tensors is ambiguous (one batch such "
+                         f"as (X, Y), or {len(data)} batches); pass a list: [(X, Y)] for one batch")
     if isinstance(data, (tuple, list)):
+        batches = list(data)
+    elif hasattr(data, "__iter__") and iter(data) is data:  # a generator: the next HVP could not read it again
         batches = list(data)
     elif hasattr(data, "__iter__"):
         batches = data
@@ -100,6 +145,13 @@ def _batches(data, loss_form, torch):
     if hasattr(batches, "__len__") and len(batches) == 0:
         raise ValueError("data: expected at least one batch, got an empty dataset")
     return batches
+
+
+def _shuffles(data) -> bool:
+    """Whether ``data`` is a DataLoader whose sampler draws a new order on every pass."""
+    from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+
+    return isinstance(getattr(data, "sampler", None), (RandomSampler, SubsetRandomSampler, WeightedRandomSampler))
 
 
 def _call(model, inputs):
@@ -146,8 +198,10 @@ class TorchHessian:
     model: any ``torch.nn.Module`` (used in its current mode, buffers untouched). loss_fn, data, loss_form,
     reduction, batch_size: see the module docstring. params: the parameters to differentiate (default: every
     trainable one), as a module or an iterable of parameters or names; the others are held at their values.
-    cache_graphs: keep each batch's gradient graph between HVPs (default: True when data is in memory, a list or a
-    single batch; False for any other iterable, which is re-iterated for every HVP).
+    cache_graphs: keep each batch's gradient graph between HVPs (default: True when data is in memory, a list,
+    a single batch or a generator read into a list; False for any other iterable, which is re-iterated for every
+    HVP and must then not shuffle). seed: random layers of batch i draw from torch's generators seeded from
+    ``(seed, i)`` on every HVP (see the module docstring).
 
     shape: (1, P, P) with P the number of chosen parameters, ``dtype`` their dtype (float32/float64, all alike),
     ``matvec(V [1, P]) -> [1, P]``, ``hvp(v [P] tensor) -> [P]``; vectors are flat in ``named_parameters`` order.
@@ -156,16 +210,19 @@ class TorchHessian:
     """
 
     def __init__(self, model, loss_fn, data, *, params=None, loss_form: str = "outputs", reduction: str = "mean",
-                 batch_size=None, cache_graphs: bool | None = None):
+                 batch_size=None, cache_graphs: bool | None = None, seed: int = 0):
         torch = _torch()
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
-            raise TypeError(f"loss_fn: expected a callable loss, got {loss_fn!r} (loss names such as 'mse' select the "
-                            f"fused Hessian of a model offering hessian_operator)")
+            raise TypeError(f"loss_fn: expected a callable loss, got {loss_fn!r}")
         self.loss_form = check_choice(loss_form, "loss_form", LOSS_FORMS)
         self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
+        self.seed = check_seed(seed)
         declared = _declared_reduction(loss_fn)
+        if declared is not None and declared not in REDUCTIONS:
+            raise ValueError(f"loss_fn: reduces by {declared!r}, but a scalar loss is needed; use a loss with "
+                             f"reduction='mean' (or 'sum', passing reduction='sum')")
         if declared is not None and declared != self.reduction:
             raise ValueError(f"reduction: loss_fn reduces by {declared!r} but reduction={self.reduction!r}; pass "
                              f"reduction={declared!r} (batches then add up) or use a loss with reduction="
@@ -193,9 +250,65 @@ class TorchHessian:
         self.cache_graphs = in_memory if cache_graphs is None else bool(cache_graphs)
         if self.cache_graphs and not in_memory:
             self.batches = list(self.batches)
+        elif not self.cache_graphs and _shuffles(self.batches):
+            raise ValueError("data: the DataLoader shuffles, so every HVP would see other batches (the operator must "
+                             "be the same on every matvec); use shuffle=False, or cache_graphs=True to fix one pass")
         self._graphs = None
         self.hvps = 0
-        self.bar = None  # a tqdm bar that counts matvecs, set by the tools that run a solver
+        if self.loss_form == "outputs":
+            self._check_loss()
+
+    def _run(self, params, *args, **kwargs):
+        """``model(*args, **kwargs)`` at ``params`` (the chosen parameters; the rest fixed) with fresh copies of the
+        buffers, since BatchNorm in train mode updates its running statistics in place."""
+        from torch.func import functional_call
+
+        state = {**self.fixed, **params, **{name: b.clone() for name, b in self.buffers.items()}}
+        return functional_call(self.model, state, args, kwargs)
+
+    def _forward(self, params, inputs):
+        """The model's outputs on the inputs of an (inputs, targets) batch, at ``params``."""
+        return _call(functools.partial(self._run, params), inputs)
+
+    def _check_loss(self):
+        """Evaluates loss_fn on the first batch's outputs, alone and repeated twice: it must return a scalar, and a
+        mean stays the same where a sum doubles, which must agree with ``reduction``."""
+        torch = _torch()
+        batch = self.batches[0] if isinstance(self.batches, list) else next(iter(self.batches), None)
+        if batch is None:
+            raise ValueError("data: expected at least one batch, got an empty dataset")
+        inputs, targets = self._pair(batch)
+        with torch.no_grad(), _fixed_rng(torch, self.device, _batch_seed(self.seed, 0)):
+            outputs = self._forward(self.params, inputs)
+            try:
+                once = self.loss_fn(outputs, targets)
+                twice = None
+                if isinstance(outputs, torch.Tensor) and outputs.dim() > 0 and outputs.shape[0] == targets.shape[0]:
+                    twice = self.loss_fn(torch.cat([outputs, outputs]), torch.cat([targets, targets]))
+            except TypeError as error:
+                raise TypeError(f"loss_fn: loss_fn(outputs, targets) failed ({error}); a loss written as "
+                                f"loss_fn(model, batch) needs loss_form='model'") from error
+        if not isinstance(once, torch.Tensor) or once.numel() != 1:
+            raise ValueError(f"loss_fn: expected a scalar loss, got "
+                             f"{tuple(once.shape) if isinstance(once, torch.Tensor) else type(once).__name__}; "
+                             f"reduce it by a mean (or a sum, with reduction='sum')")
+        if twice is None or not torch.isfinite(once) or float(once) == 0:
+            return
+        ratio = float(twice) / float(once)
+        if self.reduction == "mean" and abs(ratio - 2) < 0.25:
+            raise ValueError("reduction: loss_fn sums over the batch (doubling the batch doubles it); pass "
+                             "reduction='sum', or make it a mean")
+        if self.reduction == "sum" and abs(ratio - 1) < 0.25:
+            raise ValueError("reduction: loss_fn averages over the batch (doubling the batch leaves it as it is); "
+                             "pass reduction='mean', or make it a sum")
+
+    def _pair(self, batch):
+        """The (inputs, targets) of a batch of the "outputs" form."""
+        if not _is_pair(batch, _torch()):
+            raise ValueError(f"data: each batch must be an (inputs, targets) pair with targets a tensor, got a "
+                             f"{type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list))
+                                                          else "") + " (use loss_form='model' for other batches)")
+        return batch
 
     def _weight(self, batch) -> float:
         torch = _torch()
@@ -210,33 +323,21 @@ class TorchHessian:
 
     def _loss(self, batch):
         """The batch's loss as a function of the chosen parameters."""
-        torch = _torch()
-        from torch.func import functional_call
-
-        model, fixed, buffers = self.model, self.fixed, self.buffers
-
-        def run(params, *args, **kwargs):
-            # Fresh copies: BatchNorm in train mode updates its running statistics in place.
-            state = {**fixed, **params, **{name: b.clone() for name, b in buffers.items()}}
-            return functional_call(model, state, args, kwargs)
-
         if self.loss_form == "model":
-            return lambda params: self.loss_fn(functools.partial(run, params), batch)
-        if not _is_pair(batch, torch):
-            raise ValueError(f"data: each batch must be an (inputs, targets) pair with targets a tensor, got a "
-                             f"{type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list))
-                                                          else "") + " (use loss_form='model' for other batches)")
-        inputs, targets = batch
+            return lambda params: self.loss_fn(functools.partial(self._run, params), batch)
+        inputs, targets = self._pair(batch)
+        return lambda params: self.loss_fn(self._forward(params, inputs), targets)
 
-        def loss(params):
-            return self.loss_fn(_call(lambda *a, **k: run(params, *a, **k), inputs), targets)
-
-        return loss
-
-    def _batch_hvp(self, batch, tangents):
+    def _gradient_graph(self, index, batch):
+        """The pullback of batch ``index``'s gradient (one HVP per call), its random draws seeded from the index."""
         from torch.func import grad, vjp
 
-        return vjp(grad(self._loss(batch)), self.params)[1](tangents)[0]
+        torch = _torch()
+        with _fixed_rng(torch, self.device, _batch_seed(self.seed, index)):
+            return vjp(grad(self._loss(batch)), self.params)[1]
+
+    def _batch_hvp(self, index, batch, tangents):
+        return self._gradient_graph(index, batch)(tangents)
 
     def _unflatten(self, flat):
         return {name: chunk.view_as(self.params[name]) for name, chunk in zip(self.names, flat.split(self.sizes))}
@@ -244,19 +345,15 @@ class TorchHessian:
     def hvp(self, v):
         """Hessian-vector product of a flat torch vector [P] in the parameters' dtype and device; returns [P]."""
         torch = _torch()
-        from torch.func import grad, vjp
-
         tangents = self._unflatten(v)
         total, count = torch.zeros_like(v), 0.0
         if self.cache_graphs and self._graphs is None:
-            self._graphs = [(vjp(grad(self._loss(batch)), self.params)[1], self._weight(batch))
-                            for batch in self.batches]
-        pairs = self._graphs if self.cache_graphs else ((lambda t, b=batch: self._batch_hvp(b, t), self._weight(batch))
-                                                        for batch in self.batches)
+            self._graphs = [(self._gradient_graph(i, batch), self._weight(batch))
+                            for i, batch in enumerate(self.batches)]
+        pairs = self._graphs if self.cache_graphs else (
+            (functools.partial(self._batch_hvp, i, batch), self._weight(batch)) for i, batch in enumerate(self.batches))
         for apply, weight in pairs:
-            hv = apply(tangents)
-            if isinstance(hv, tuple):
-                hv = hv[0]
+            hv = apply(tangents)[0]  # a pullback returns one cotangent per primal: here, the parameters' dict
             total += weight * torch.cat([hv[name].reshape(-1) for name in self.names])
             count += weight
         if count == 0:
@@ -268,15 +365,13 @@ class TorchHessian:
         """[1, P] numpy -> [1, P] numpy."""
         torch = _torch()
         v = torch.as_tensor(np.asarray(V)[0], device=self.device, dtype=self.torch_dtype)
-        out = self.hvp(v).detach().cpu().numpy()[None]
-        if self.bar is not None:
-            self.bar.update()
-        return out
+        return self.hvp(v).detach().cpu().numpy()[None]
 
 
-def _fused_operator(model, loss_fn, data, params):
+def _fused_operator(model, loss_fn, data, params, options: dict):
     """The operator of a model offering the fused-Hessian protocol ``hessian_operator(inputs, targets, loss)``
-    (e.g. physai's TwoLayerModule), for a loss given by name."""
+    (e.g. physai's TwoLayerModule), for a loss given by name. ``options``: the TorchHessian options the caller
+    passed, which the fused Hessian cannot honour unless at their defaults (it is the full-batch mean's)."""
     torch = _torch()
     factory = getattr(model, "hessian_operator", None)
     if not callable(factory):
@@ -285,20 +380,29 @@ def _fused_operator(model, loss_fn, data, params):
     if params is not None:
         raise ValueError("params: a fused Hessian is over all of the model's parameters; use a callable loss_fn for "
                          "a subset")
+    defaults = {"loss_form": "outputs", "reduction": "mean", "batch_size": None, "cache_graphs": None}
+    for name, value in options.items():
+        if value != defaults[name]:
+            raise ValueError(f"{name}: the fused Hessian of loss {loss_fn!r} is that of the mean loss over one full "
+                             f"batch and takes no {name} (got {value!r}); use a callable loss_fn for it"
+                             + (" (for the sum, multiply the eigenvalues by the number of samples)"
+                                if name == "reduction" else ""))
     if not _is_pair(data, torch):
         raise ValueError("data: the fused Hessian takes the full batch as one (inputs, targets) pair")
     return factory(data[0], data[1], loss_fn)
 
 
 def hessian_operator(model, loss_fn, data, *, params=None, loss_form: str = "outputs", reduction: str = "mean",
-                     batch_size=None, cache_graphs: bool | None = None):
+                     batch_size=None, cache_graphs: bool | None = None, seed: int = 0):
     """The loss Hessian as an operator (``shape``, ``dtype``, ``matvec``): a :class:`TorchHessian`, or for a
     ``loss_fn`` given by name, the fused operator of a model offering ``hessian_operator(inputs, targets, loss)``
-    (physai's ``TwoLayerModule``: one row per ensemble member)."""
+    (physai's ``TwoLayerModule``: one row per ensemble member; loss_form, reduction, batch_size and cache_graphs
+    must then stay at their defaults, or ValueError)."""
     if isinstance(loss_fn, str):
-        return _fused_operator(model, loss_fn, data, params)
+        return _fused_operator(model, loss_fn, data, params, {"loss_form": loss_form, "reduction": reduction,
+                                                               "batch_size": batch_size, "cache_graphs": cache_graphs})
     return TorchHessian(model, loss_fn, data, params=params, loss_form=loss_form, reduction=reduction,
-                        batch_size=batch_size, cache_graphs=cache_graphs)
+                        batch_size=batch_size, cache_graphs=cache_graphs, seed=seed)
 
 
 def hessian_eigs(model, loss_fn, data, k: int = 1, *, which: str = "LA", method: str = "lanczos", tol: float = 1e-3,
@@ -310,17 +414,21 @@ def hessian_eigs(model, loss_fn, data, k: int = 1, *, which: str = "LA", method:
 
     which: "LA" (largest, the sharpness first), "SA" (most negative first), "LM" or "BE" (both ends), as in
     :func:`physai.spectrum.lanczos`, which certifies repeated eigenvalues (k copies of a Kronecker-structured
-    last-layer Hessian are all found). method: "lanczos" or "power" (k=1, dominant by magnitude; slower, kept
-    for comparison with PyHessian). tol: relative residual; the default 1e-3 gives eigenvalues to ~1e-6
-    relative at a spectral gap of the eigenvalue's size (Kato-Temple: error <= (tol lambda)^2 / gap), in ~20-40
-    HVPs on the models of tests/test_spectrum_torch.py, where power iteration to the same residual needs
-    hundreds. params: differentiate only these (a module, or parameters or names); the rest are held fixed.
-    cache_graphs: as in :class:`TorchHessian`.
+    last-layer Hessian are all found). method: "lanczos" or "power" (k=1, which "LA" or "LM" only; power
+    iteration finds the largest magnitude, and for "LA" reruns on a shifted operator when that is negative, see
+    :func:`physai.spectrum.power_iteration`; slower, kept for comparison with PyHessian). tol: true relative
+    residual, as in :func:`physai.spectrum.lanczos`; the default 1e-3 gives eigenvalues to ~1e-6 relative at a
+    spectral gap of the eigenvalue's size (Kato-Temple: error <= (tol lambda)^2 / gap), in ~20-40 HVPs on the
+    models of tests/test_spectrum_torch.py, where power iteration to the same residual needs hundreds. params:
+    differentiate only these (a module, or parameters or names); the rest are held fixed. cache_graphs and seed
+    (also the solver's start): as in :class:`TorchHessian`.
     progress_bar: None shows a bar of HVPs on a terminal for runs longer than 2 s.
 
     For a model offering ``hessian_operator(inputs, targets, loss)`` (physai's ``TwoLayerModule``) and ``loss_fn``
     naming one of its fused losses ("mse", "logistic", "cross_entropy"), the fused native HVP serves the solver
-    (``data``: one full-batch pair; one row per ensemble member).
+    (``data``: one full-batch pair; one row per ensemble member; loss_form, reduction, batch_size, cache_graphs at
+    their defaults). Its "mse" is 0.5 * the mean of squared errors over the n k outputs, half of
+    ``torch.nn.functional.mse_loss``: its Hessian (and eigenvalues) are half of that loss's.
 
     Returns an :class:`EigenResult`: values [1, k], vectors [1, k, P] flattened over the chosen parameters in
     ``named_parameters`` order, HVPs in ``matvecs``. Raises TypeError/ValueError naming the argument.
@@ -328,20 +436,26 @@ def hessian_eigs(model, loss_fn, data, k: int = 1, *, which: str = "LA", method:
     method = check_choice(method, "method", ("lanczos", "power"))
     which = check_choice(which, "which", WHICH)
     op = hessian_operator(model, loss_fn, data, params=params, loss_form=loss_form, reduction=reduction,
-                          batch_size=batch_size, cache_graphs=cache_graphs)
+                          batch_size=batch_size, cache_graphs=cache_graphs, seed=seed)
     k = check_int(k, "k", min=1)
     if k > op.shape[-1]:
         raise ValueError(f"k: expected at most the number of parameters differentiated ({op.shape[-1]}), got {k}")
     if method == "power" and k != 1:
         raise ValueError(f"k: power iteration finds one eigenpair, got k={k}; use method='lanczos'")
     if method == "power" and which not in ("LA", "LM"):
-        raise ValueError(f"which: power iteration finds the largest-magnitude eigenvalue, got which={which!r}")
+        raise ValueError(f"which: power iteration finds the largest eigenvalue ('LA') or the largest in magnitude "
+                         f"('LM'), got which={which!r}; use method='lanczos'")
     with _progress_bar(progress_bar, "Hessian eigs") as bar:
-        if isinstance(op, TorchHessian):
-            op.bar = bar
+        counted = _Counted(op, bar)
         if method == "power":
-            return power_iteration(op, tol=tol, max_matvecs=max_matvecs, v0=v0, seed=seed)
-        return lanczos(op, k=k, which=which, tol=tol, max_matvecs=max_matvecs, v0=v0, seed=seed)
+            return power_iteration(counted, tol=tol, max_matvecs=max_matvecs, v0=v0, seed=seed, which=which)
+        return lanczos(counted, k=k, which=which, tol=tol, max_matvecs=max_matvecs, v0=v0, seed=seed)
+
+
+def _refuse_loss_name(loss_fn, tool: str):
+    if isinstance(loss_fn, str):
+        raise TypeError(f"loss_fn: {tool} takes a callable loss, got the name {loss_fn!r} (loss names select a "
+                        f"model's fused Hessian, which only hessian_eigs uses); pass e.g. a torch loss function")
 
 
 def _probe(torch, n: int, generator, dtype, device):
@@ -355,14 +469,17 @@ def hessian_trace(model, loss_fn, data, method: str = "hutchinson", num_samples:
 
     method: "hutchinson" (Rademacher probes, num_samples HVPs; Hutchinson 1990) or "hutch++" (Meyer et al. 2021:
     a third of the HVPs build a low-rank sketch whose trace is exact, the rest estimate the remainder's trace).
-    Data, loss forms, parameters, weighting and graph caching as in :func:`hessian_eigs`.
+    Data, loss forms, parameters, weighting, graph caching and seeding as in :func:`hessian_eigs`; ``loss_fn`` must
+    be callable (the fused losses named by a string serve :func:`hessian_eigs` only). Raises TypeError/ValueError
+    naming the argument.
     """
     torch = _torch()
+    _refuse_loss_name(loss_fn, "hessian_trace")
     method = check_choice(method, "method", ("hutchinson", "hutch++"))
     num_samples = check_int(num_samples, "num_samples", min=2 if method == "hutchinson" else 6)
     seed = check_seed(seed)
     op = TorchHessian(model, loss_fn, data, params=params, loss_form=loss_form, reduction=reduction,
-                      batch_size=batch_size, cache_graphs=cache_graphs)
+                      batch_size=batch_size, cache_graphs=cache_graphs, seed=seed)
     gen = torch.Generator().manual_seed(seed % 2**63)
     probe = lambda: _probe(torch, op.n, gen, op.torch_dtype, op.device)  # noqa: E731
     with _progress_bar(progress_bar, method) as bar:
@@ -415,20 +532,22 @@ def hessian_density(model, loss_fn, data, num_steps: int = 30, num_probes: int =
     Averages the Gauss quadratures of ``num_probes`` Gaussian probes (``num_steps`` HVPs each), broadened by
     Gaussians of width ``sigma`` (default 1% of the spectral range). Returns ``(grid [grid_size],
     density [grid_size])`` float64; the grid extends 5 sigma past the extreme nodes so the density
-    integrates to 1. Data, loss forms, parameters, weighting and graph caching as in :func:`hessian_eigs`.
+    integrates to 1. Data, loss forms, parameters, weighting, graph caching and seeding as in :func:`hessian_eigs`
+    (``loss_fn`` callable, as in :func:`hessian_trace`). Raises TypeError/ValueError naming the argument.
     """
     torch = _torch()
+    _refuse_loss_name(loss_fn, "hessian_density")
     num_steps = check_int(num_steps, "num_steps", min=1)
     num_probes = check_int(num_probes, "num_probes", min=1)
     grid_size = check_int(grid_size, "grid_size", min=2)
     seed = check_seed(seed)
     op = TorchHessian(model, loss_fn, data, params=params, loss_form=loss_form, reduction=reduction,
-                      batch_size=batch_size, cache_graphs=cache_graphs)
+                      batch_size=batch_size, cache_graphs=cache_graphs, seed=seed)
     gen = torch.Generator().manual_seed(seed % 2**63)
     nodes, weights = [], []
     with _progress_bar(progress_bar, "slq") as bar:
-        op.bar = bar
-        matvec = lambda x: op.matvec(x[None].astype(op.dtype))[0].astype(np.float64)  # noqa: E731
+        counted = _Counted(op, bar)
+        matvec = lambda x: counted.matvec(x[None].astype(op.dtype))[0].astype(np.float64)  # noqa: E731
         for _ in range(num_probes):
             v = torch.randn(op.n, generator=gen, dtype=torch.float64).numpy()
             theta, w = slq_nodes(matvec, op.n, num_steps, v)
