@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from physai.experiments.catapult import (PHASES, CatapultConfig, CatapultResult, make_task, ntk_gram,
+from physai.experiments.catapult import (PHASES, CatapultConfig, CatapultResult, make_task,
                                          ntk_top_eigenvalue, run, warmup_closed_form, warmup_observables, warmup_step)
 from physai.twolayer import TwoLayer
 
@@ -73,42 +73,6 @@ def test_warmup_model_phases():
             assert abs(lam / lam0 - 1) < 10 / n
         else:
             assert lam < 2 / (factor / lam0) and lam < lam0
-
-
-@pytest.mark.parametrize("activation, bias, param", [("relu", False, "ntk"), ("tanh", True, "ntk"),
-                                                     ("linear", True, "standard")])
-def test_ntk_gram_matches_torch_jacrev(activation, bias, param):
-    torch = pytest.importorskip("torch")
-    from torch.func import jacrev
-
-    rng = np.random.default_rng(4)
-    X = rng.standard_normal((9, 3))
-    net = TwoLayer(3, 7, 1, activation, param, bias=bias, ensemble=2, dtype=np.float64, seed=1)
-    if bias:
-        net.b = rng.standard_normal((2, 7))
-    s = net.scaling
-    Xt = torch.from_numpy(X)
-    act = {"relu": torch.relu, "tanh": torch.tanh, "linear": lambda z: z}[activation]
-    theta = ntk_gram(net, X)
-    for e in range(2):
-        params = [torch.from_numpy(p[e].copy()) for p in (net.W, net.b, net.a) if p is not None]
-
-        def f(*params):
-            W, a = params[0], params[-1]
-            z = s.input_scale * Xt @ W.T + (params[1] if bias else 0)
-            return s.output_scale * (act(z) @ a.T)[:, 0]
-
-        J = torch.cat([j.reshape(9, -1) for j in jacrev(f, argnums=tuple(range(len(params))))(*params)], dim=1)
-        np.testing.assert_allclose(theta[e], (J @ J.T).numpy(), rtol=1e-12, atol=1e-14)
-
-
-def test_ntk_gram_matches_the_shared_analytic_ntk():
-    shared = pytest.importorskip("physai.twolayer.ntk")
-    rng = np.random.default_rng(6)
-    X = rng.standard_normal((10, 4))
-    net = TwoLayer(4, 12, 1, "gelu", "ntk", ensemble=3, dtype=np.float64, seed=2)
-    net.b = rng.standard_normal((3, 12))
-    np.testing.assert_allclose(ntk_gram(net, X), shared.empirical_ntk(net, X), rtol=1e-12, atol=1e-14)
 
 
 def test_lam0_is_the_top_hessian_eigenvalue_at_zero_residual():
@@ -216,9 +180,9 @@ def test_bad_warmup_arguments():
         warmup_closed_form(0.0, 1.0, 1.0, 0.1, 0)
     net = TwoLayer(3, 4, 2, "relu", "ntk", dtype=np.float64)
     with pytest.raises(ValueError, match="k = 2"):
-        ntk_gram(net, np.zeros((5, 3)))
+        ntk_top_eigenvalue(net, np.zeros((5, 3)))
     with pytest.raises(ValueError, match="X"):
-        ntk_gram(TwoLayer(3, 4, 1, "relu", "ntk", dtype=np.float64), np.zeros((5, 2)))
+        ntk_top_eigenvalue(TwoLayer(3, 4, 1, "relu", "ntk", dtype=np.float64), np.zeros((5, 2)))
 
 
 def test_plugs_into_the_sweep_folding_learning_rates(tmp_path):

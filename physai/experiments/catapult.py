@@ -16,7 +16,7 @@ curvature lambda = (|u|^2 + |v|^2) / n; one GD step of size eta is exactly (the 
 The experiment trains two-layer nets in NTK parameterization (``physai.twolayer``, linear and ReLU, no bias) on
 inputs N(0, I_d) with labels sign(w . x) of a random linear teacher, MSE, one native ensemble per activation with one
 member per learning rate (all from the same initialisation), and tracks lambda_t from the analytic empirical NTK
-(``ntk_gram``).
+(``physai.twolayer.ntk.empirical_ntk``).
 
     from physai.experiments.catapult import CatapultConfig, run
     result = run(CatapultConfig.small(), progress=True)
@@ -34,6 +34,7 @@ from physai._checks import check_choice, check_float, check_int
 from physai._progress import progress as _progress
 from physai.experiments._base import ExperimentConfig, ExperimentResult
 from physai.twolayer import ACTIVATIONS, TwoLayer
+from physai.twolayer.ntk import empirical_ntk
 
 PHASES = ("lazy", "catapult", "divergent")
 
@@ -120,41 +121,16 @@ def make_task(config: CatapultConfig) -> tuple[np.ndarray, np.ndarray]:
     return X, Y
 
 
-def ntk_gram(net: TwoLayer, X: np.ndarray) -> np.ndarray:
-    """Each member's empirical NTK Theta = J J^T over the rows of X [n, d], [E, n, n] in float64, for one output
-    (k = 1), from the closed-form Jacobian of f = s_out a . sigma(s_in W x + b): df/da_r = s_out sigma(z_r),
-    df/dW_r = s_out a_r sigma'(z_r) s_in x, df/db_r = s_out a_r sigma'(z_r), so
-
-        Theta(x, x') = s_out^2 [ sum_r sigma(z_r) sigma(z'_r)
-                                 + (s_in^2 x . x' + [bias]) sum_r a_r^2 sigma'(z_r) sigma'(z'_r) ]
-
-    (Jacot et al. 2018), as two batched GEMMs. ``physai.twolayer.ntk.empirical_ntk`` is the shared API for this
-    kernel; this copy exists because that one's einsum is about 13 times slower at the catapult sizes (n = 64,
-    m = 2048, 22 members) and should move there. Raises ValueError for k != 1 or a mis-shaped X."""
-    from physai.twolayer.reference import activation
-
-    if net.k != 1:
-        raise ValueError(f"net: expected one output (k = 1), got k = {net.k}")
-    X = np.asarray(X, np.float64)
-    if X.ndim != 2 or X.shape[1] != net.d:
-        raise ValueError(f"X: expected shape (n, {net.d}), got {X.shape}")
-    s = net.scaling
-    Z = s.input_scale * (net.W.astype(np.float64) @ X.T)                       # [E, m, n]
-    if net.b is not None:
-        Z += net.b.astype(np.float64)[:, :, None]
-    S, D, _ = activation(net.activation, Z)
-    A = D * net.a.astype(np.float64)[:, 0, :, None]
-    G = s.input_scale**2 * (X @ X.T) + (1.0 if net.b is not None else 0.0)
-    return s.output_scale**2 * (S.transpose(0, 2, 1) @ S + G * (A.transpose(0, 2, 1) @ A))
-
-
 def ntk_top_eigenvalue(net: TwoLayer, X: np.ndarray) -> np.ndarray:
     """[E] top eigenvalue of each member's empirical NTK over the n rows of X, divided by n (the curvature of the
-    loss (1/2n) sum (f - y)^2 in function space; ``numpy.linalg.eigvalsh`` of ``ntk_gram``); NaN for a member
-    whose kernel is not finite."""
+    loss (1/2n) sum (f - y)^2 in function space; ``numpy.linalg.eigvalsh`` of the analytic empirical NTK,
+    ``physai.twolayer.ntk.empirical_ntk``); NaN for a member whose kernel is not finite. Raises ValueError for a
+    net with more than one output or a mis-shaped X."""
+    if net.k != 1:
+        raise ValueError(f"net: expected one output (k = 1), got k = {net.k}")
     out = np.full(net.ensemble, np.nan)
     with np.errstate(over="ignore", invalid="ignore"):
-        theta = ntk_gram(net, X) / X.shape[0]
+        theta = empirical_ntk(net, X) / X.shape[0]
     finite = np.isfinite(theta).all(axis=(1, 2))
     if finite.any():
         out[finite] = np.linalg.eigvalsh(theta[finite])[:, -1]

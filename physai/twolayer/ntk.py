@@ -20,14 +20,22 @@ from physai.twolayer.reference import activation
 
 
 def _features(net, X):
-    """sigma(Z), sigma'(Z) [E, n, m] and X broadcast [E, n, d] of each member, in float64."""
+    """sigma(Z), sigma'(Z) [E, m, n] of each member in float64 (feature-major: every product below is then a
+    plain or transposed-left GEMM, which numpy hands to BLAS; the sample-major transposes took its slow loop),
+    and X in float64 ([n, d] shared or [E, n, d])."""
     p = net.reference_params()
-    X = np.broadcast_to(np.asarray(X, np.float64), (net.ensemble, *X.shape[-2:]))
-    Z = p.input_scale * X @ p.W.astype(np.float64).transpose(0, 2, 1)
+    X = np.ascontiguousarray(X, np.float64)
+    Z = p.input_scale * (p.W.astype(np.float64) @ np.swapaxes(X, -1, -2))      # [E, m, n]
     if p.b is not None:
-        Z = Z + p.b.astype(np.float64)[:, None, :]
+        Z += p.b.astype(np.float64)[:, :, None]
     S, D, _ = activation(p.activation, Z)
     return S, D, X
+
+
+def _weighted_derivatives(D, a):
+    """[E, m, n k]: column (i, c) holds a_cr sigma'(z_ir), the hidden part of d f_c(x_i) / d z_r."""
+    E, m, n = D.shape
+    return (D[:, :, :, None] * np.swapaxes(a, 1, 2)[:, :, None, :]).reshape(E, m, n * a.shape[1])
 
 
 def _check_inputs(net, X, name):
@@ -41,18 +49,20 @@ def empirical_ntk(net, X: np.ndarray, X2: np.ndarray | None = None) -> np.ndarra
     """Theta = J(X) J(X2)^T of each member of ``net`` (a ``physai.twolayer.TwoLayer``): [E, n k, n2 k] in the
     model's dtype (computed in float64). X [n, d] (shared) or [E, n, d] of the model's dtype; X2 likewise
     (default X). Raises TypeError/ValueError naming a bad argument."""
-    X = _check_inputs(net, X, "X")
-    X2 = X if X2 is None else _check_inputs(net, X2, "X2")
     s = net.scaling
-    S, D, Xb = _features(net, X)
-    S2, D2, Xb2 = _features(net, X2)
     a = net.a.astype(np.float64)
-    G = s.input_scale**2 * Xb @ Xb2.transpose(0, 2, 1) + (1.0 if net.b is not None else 0.0)  # [E, n, n2]
-    E, n, n2, k, m = net.ensemble, S.shape[1], S2.shape[1], net.k, net.m
-    A = (D[:, :, None, :] * a[:, None, :, :]).reshape(E, n * k, m)     # rows (i, c): a_cr sigma'(z_ir)
-    A2 = (D2[:, :, None, :] * a[:, None, :, :]).reshape(E, n2 * k, m)
-    theta = (A @ A2.transpose(0, 2, 1)).reshape(E, n, k, n2, k) * G[:, :, None, :, None]  # one GEMM per member
-    readout = S @ S2.transpose(0, 2, 1)
+    S, D, Xb = _features(net, _check_inputs(net, X, "X"))
+    A = _weighted_derivatives(D, a)
+    if X2 is None:
+        S2, Xb2, A2 = S, Xb, A
+    else:
+        S2, D2, Xb2 = _features(net, _check_inputs(net, X2, "X2"))
+        A2 = _weighted_derivatives(D2, a)
+    G = s.input_scale**2 * Xb @ np.swapaxes(Xb2, -1, -2) + (1.0 if net.b is not None else 0.0)  # [(E,) n, n2]
+    E, n, n2, k = net.ensemble, S.shape[2], S2.shape[2], net.k
+    theta = (np.swapaxes(A, 1, 2) @ A2).reshape(E, n, k, n2, k)          # one GEMM per member
+    theta *= np.broadcast_to(G, (E, n, n2))[:, :, None, :, None]
+    readout = np.swapaxes(S, 1, 2) @ S2                                  # [E, n, n2]
     for c in range(k):
         theta[:, :, c, :, c] += readout
     return (s.output_scale**2 * theta).reshape(E, n * k, n2 * k).astype(net.dtype)
@@ -68,7 +78,7 @@ class NTKOperator:
         self.net = net
         self.S, self.D, self.X = _features(net, X)
         self.a = net.a.astype(np.float64)
-        n = self.X.shape[1]
+        n = self.S.shape[2]
         self.shape = (net.ensemble, n * net.k, n * net.k)
         self.dtype = net.dtype
 
@@ -76,12 +86,13 @@ class NTKOperator:
         """V [E, n k] -> Theta V, [E, n k] in the model's dtype."""
         s, net = self.net.scaling, self.net
         V = check_array(np.asarray(V), "V", shape=self.shape[:2], contiguous=False)
-        V = V.astype(np.float64).reshape(net.ensemble, -1, net.k)
-        da = s.output_scale * V.transpose(0, 2, 1) @ self.S                   # [E, k, m]
-        dZ = s.output_scale * (V @ self.a) * self.D                            # [E, n, m]
-        dW = s.input_scale * dZ.transpose(0, 2, 1) @ self.X                    # [E, m, d]
-        dH = s.input_scale * self.X @ dW.transpose(0, 2, 1)                    # [E, n, m]
+        V = V.astype(np.float64).reshape(net.ensemble, -1, net.k)            # [E, n, k]
+        da = s.output_scale * self.S @ V                                       # [E, m, k]: J_a^T v
+        dZ = s.output_scale * (self.a.transpose(0, 2, 1) @ V.transpose(0, 2, 1)) * self.D  # [E, m, n]
+        dW = s.input_scale * dZ @ self.X                                       # [E, m, d]
+        dH = s.input_scale * dW @ np.swapaxes(self.X, -1, -2)                  # [E, m, n]: J_W (J_W^T v)
         if net.b is not None:
-            dH = dH + dZ.sum(1)[:, None, :]
-        out = s.output_scale * ((self.D * dH) @ self.a.transpose(0, 2, 1) + self.S @ da.transpose(0, 2, 1))
+            dH += dZ.sum(2)[:, :, None]
+        out = s.output_scale * (np.swapaxes(self.D * dH, 1, 2) @ self.a.transpose(0, 2, 1)
+                                + np.swapaxes(self.S, 1, 2) @ da)            # [E, n, k]
         return out.reshape(net.ensemble, -1).astype(self.dtype)
