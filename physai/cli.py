@@ -8,7 +8,9 @@ import sys
 
 
 # Each module adds its subcommand with add_parser(commands) and imports its heavy dependencies only when run.
-_COMMAND_MODULES = ("physai.lego.cli", "physai.experiments.eos")
+_COMMAND_MODULES = ("physai.lego.cli", "physai.experiments.eos", "physai.experiments.width_transfer",
+                    "physai.sweep", "physai.experiments.criticality", "physai.experiments.threshold",
+                    "physai.experiments.lego_transformer", "physai.experiments.catapult")
 
 
 def _info(args: argparse.Namespace) -> int:
