@@ -47,29 +47,75 @@ def flops_hvp(n, d, m, k, E=1):
     return E * (4 * n * d * m + 12 * n * m * k)
 
 
-def _status(key):
-    import re
-
+_PEAK_CHILD = r"""
+import gc, importlib.util, re, sys
+spec = importlib.util.spec_from_file_location("bench_twolayer", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+call = bench._peak_cases()[sys.argv[2]]()  # builds the inputs; returns the call to measure
+def status(key):
     with open("/proc/self/status") as f:
-        return int(re.search(rf"{key}:\s+(\d+)", f.read()).group(1)) / 1024  # kB -> MiB
+        return int(re.search(key + r":\s+(\d+)", f.read()).group(1)) / 1024
+gc.collect()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the high-water mark VmHWM to the current resident set
+before = status("VmRSS")
+result = call()
+print(status("VmHWM") - before)
+"""
 
 
-def peak_memory_mib(fn, *args, **kwargs):
-    """Peak resident memory of one call above the resident set before it, in MiB: the kernel's own scratch and its
-    outputs (Linux: /proc/self/clear_refs resets the high-water mark VmHWM). NaN where that is not available."""
-    import gc
+def _peak_cases():
+    """name -> a function that builds the inputs (large size) and returns the call whose peak memory is measured."""
+    def native_grad():
+        net, X, Y = problem(**LARGE)
+        return lambda: net.loss_and_grad(X, Y)
 
-    gc.collect()
+    def native_hvp():
+        net, X, Y = problem(**LARGE)
+        v = _large_direction(net)
+        return lambda: net.hvp(X, Y, v)
+
+    def torch_grad():
+        import torch
+
+        net, X, Y = problem(**LARGE)
+        params, Xt, Yt = torch_params(torch, net), torch.from_numpy(X), torch.from_numpy(Y)
+        return lambda: torch_loss_and_grad(torch, Xt, Yt, params)
+
+    def torch_hvp():
+        import torch
+
+        net, X, Y = problem(**LARGE)
+        params, Xt, Yt = torch_params(torch, net), torch.from_numpy(X), torch.from_numpy(Y)
+        vt = [torch.from_numpy(x[0]) for x in _large_direction(net)]
+
+        def graph_and_hvp():
+            grads = torch.autograd.grad(eager_loss(Xt, Yt, *params), params, create_graph=True)
+            return torch.autograd.grad(grads, params, vt)
+
+        return graph_and_hvp
+
+    return dict(native_grad=native_grad, native_hvp=native_hvp, torch_grad=torch_grad, torch_hvp=torch_hvp)
+
+
+def peak_memory_mib(case):
+    """Peak resident memory (MiB) of one call of ``_peak_cases()[case]`` above the resident set before it, measured
+    in a fresh process so that no memory freed by earlier calls is reused: the kernel's scratch, its outputs and
+    (torch) the autograd graph. glibc is told to map every allocation over 64 KiB on its own and unmap it when freed
+    (MALLOC_MMAP_THRESHOLD_), so the resident set follows live memory; the high-water mark (VmHWM, reset through
+    /proc/self/clear_refs) is the peak. Linux only: NaN elsewhere or on failure."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status("VmRSS")
-    except OSError:
+        out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, __file__, case], env=env, capture_output=True,
+                             text=True, timeout=600, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return float("nan")
-    result = fn(*args, **kwargs)
-    peak = _status("VmHWM") - before
-    del result
-    return peak
 
 
 def problem(n, d, m, k, E=1, seed=0, activation="tanh"):
@@ -115,7 +161,7 @@ def large():
 
 def test_large_native(benchmark, large):
     net, X, Y = large
-    benchmark.extra_info.update(peak_mib=peak_memory_mib(net.loss_and_grad, X, Y), flops=flops_grad(**LARGE))
+    benchmark.extra_info.update(peak_mib=peak_memory_mib("native_grad"), flops=flops_grad(**LARGE))
     benchmark(net.loss_and_grad, X, Y)
 
 
@@ -141,8 +187,7 @@ def test_large_torch(benchmark, large, torch):
     net, X, Y = large
     params = torch_params(torch, net)
     Xt, Yt = torch.from_numpy(X), torch.from_numpy(Y)
-    benchmark.extra_info.update(peak_mib=peak_memory_mib(torch_loss_and_grad, torch, Xt, Yt, params),
-                                flops=flops_grad(**LARGE))
+    benchmark.extra_info.update(peak_mib=peak_memory_mib("torch_grad"), flops=flops_grad(**LARGE))
     benchmark(torch_loss_and_grad, torch, Xt, Yt, params)
 
 
@@ -154,7 +199,7 @@ def _large_direction(net):
 def test_large_hvp_native(benchmark, large):
     net, X, Y = large
     v = _large_direction(net)
-    benchmark.extra_info.update(peak_mib=peak_memory_mib(net.hvp, X, Y, v), flops=flops_hvp(**LARGE))
+    benchmark.extra_info.update(peak_mib=peak_memory_mib("native_hvp"), flops=flops_hvp(**LARGE))
     operator = net.hessian_operator(X, Y)
     V = net.flatten(v)
     benchmark(operator.native.matvec, V)
@@ -166,11 +211,7 @@ def test_large_hvp_torch(benchmark, large, torch):
     Xt, Yt = torch.from_numpy(X), torch.from_numpy(Y)
     vt = [torch.from_numpy(x[0]) for x in _large_direction(net)]
 
-    def graph_and_hvp():
-        grads = torch.autograd.grad(eager_loss(Xt, Yt, *params), params, create_graph=True)
-        return torch.autograd.grad(grads, params, vt)
-
-    benchmark.extra_info.update(peak_mib=peak_memory_mib(graph_and_hvp), flops=flops_hvp(**LARGE))
+    benchmark.extra_info.update(peak_mib=peak_memory_mib("torch_hvp"), flops=flops_hvp(**LARGE))
     grads = torch.autograd.grad(eager_loss(Xt, Yt, *params), params, create_graph=True)
     benchmark.pedantic(torch.autograd.grad, (grads, params, vt), dict(retain_graph=True), rounds=5, iterations=1,
                        warmup_rounds=1)
@@ -189,6 +230,7 @@ def test_small_native(benchmark):
 def test_small_torch(benchmark, torch):
     net, X, Y = problem(**SMALL)
     params = torch_params(torch, net)
+    benchmark.extra_info.update(flops=flops_grad(**SMALL))
     benchmark(torch_loss_and_grad, torch, torch.from_numpy(X), torch.from_numpy(Y), params)
 
 
@@ -251,6 +293,7 @@ def hvp_problem():
 
 def test_hvp_grad_native(benchmark, hvp_problem):
     net, X, Y, _ = hvp_problem
+    benchmark.extra_info.update(flops=flops_grad(**HVP))
     benchmark(net.loss_and_grad, X, Y)
 
 
@@ -276,6 +319,7 @@ def test_hvp_torch(benchmark, hvp_problem, torch):
     Xt, Yt = torch.from_numpy(X), torch.from_numpy(Y)
     vt = [torch.from_numpy(x[0]) for x in v]
     grads = torch.autograd.grad(eager_loss(Xt, Yt, *params), params, create_graph=True)
+    benchmark.extra_info.update(flops=flops_hvp(**HVP))
     benchmark(torch.autograd.grad, grads, params, vt, retain_graph=True)
 
 

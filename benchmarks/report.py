@@ -50,7 +50,7 @@ def sgemm_times(size: int = SGEMM_SIZE, repeats: int = 7) -> list[float]:
     return times
 
 
-def median(values):
+def median_of(values):
     values = sorted(values)
     middle = len(values) // 2
     return values[middle] if len(values) % 2 else 0.5 * (values[middle - 1] + values[middle])
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     medians, extras = run_benchmarks(args.selection, extra)
     gemm += sgemm_times()
     load_after = os.getloadavg()
-    rate = 2 * SGEMM_SIZE**3 / median(gemm)  # FLOP/s
+    rate = 2 * SGEMM_SIZE**3 / median_of(gemm)  # FLOP/s
     rows, memory_rows, missing = [], [], []
     for ratio in load_ratios(None):
         if ratio["kind"] == "MEMORY":
@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     print(f"\n## Machine (same run)\n\nload average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/"
           f"{load_before[2]:.2f}, after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} on "
           f"{os.cpu_count()} cores; numpy sgemm {SGEMM_SIZE}x{SGEMM_SIZE}: {rate / 1e9:.1f} GFLOP/s (median of "
-          f"{len(gemm)}; min..max {2 * SGEMM_SIZE**3 / max(gemm) / 1e9:.0f}..{2 * SGEMM_SIZE**3 / min(gemm) / 1e9:.0f})")
+          f"{len(gemm)}; min..max {2 * SGEMM_SIZE**3 / max(gemm) / 1e9:.0f}.."
+          f"{2 * SGEMM_SIZE**3 / min(gemm) / 1e9:.0f})")
 
     print("\n## Timings (median, ms)\n")
     print("| benchmark | median ms |\n|---|---:|")
@@ -144,11 +145,13 @@ def main(argv=None) -> int:
                                             for key, value in info.items()))
     if compute:  # FLOPs are the GEMMs' only (elementwise work not counted)
         print(f"\n## Compute-bound kernels vs the sgemm rate ({rate / 1e9:.1f} GFLOP/s, same run)\n")
-        print("| benchmark | GFLOP | median ms | GFLOP/s | of sgemm | goal | ok |\n|---|---:|---:|---:|---:|---:|:-:|")
+        print("| benchmark | GFLOP | sgemm bound ms | median ms | GFLOP/s | of sgemm | goal | ok |\n"
+              "|---|---:|---:|---:|---:|---:|---:|:-:|")
         for row in compute:
             goal = "" if row["goal"] is None else f">= {row['goal']:.0%}"
             ok = "" if row["ok"] is None else ("yes" if row["ok"] else "NO")
-            print(f"| {row['name']} | {row['flops'] / 1e9:.4g} | {medians[row['name']] * 1e3:.4g} | "
+            print(f"| {row['name']} | {row['flops'] / 1e9:.4g} | {row['flops'] / rate * 1e3:.4g} | "
+                  f"{medians[row['name']] * 1e3:.4g} | "
                   f"{row['gflops']:.1f} | {row['fraction']:.0%} | {goal} | {ok} |")
     if memory_rows:
         print("\n## Peak resident memory of one call (MiB above the resident set before it)\n")

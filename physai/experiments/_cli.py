@@ -3,6 +3,7 @@ bar, the result's report, the result as standard JSON and the figure as PNG."""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from physai._argtypes import add_config_arguments, config_from_args
@@ -18,6 +19,16 @@ def add_experiment_parser(commands, name: str, module, *, help: str, description
     parser.add_argument("--plot", default=f"{stem}.png", help="where to write the figure ('' to skip)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=lambda args: _main(module, args))
+
+
+def experiment_command(name: str, module_name: str, *, help: str, description: str):
+    """The ``add_parser(commands)`` of experiment module ``module_name``, registering ``physai <name>`` through
+    :func:`add_experiment_parser` (the module is complete by the time the CLI calls it)."""
+    def add_parser(commands) -> None:
+        add_experiment_parser(commands, name, sys.modules[module_name], help=help, description=description)
+
+    add_parser.__doc__ = f"Register the ``physai {name}`` command on the CLI's subparsers."
+    return add_parser
 
 
 def _main(module, args: argparse.Namespace) -> int:

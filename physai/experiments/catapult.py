@@ -33,6 +33,7 @@ import numpy as np
 from physai._checks import check_choice, check_float, check_int
 from physai._progress import progress as _progress
 from physai.experiments._base import ExperimentConfig, ExperimentResult
+from physai.experiments._cli import experiment_command
 from physai.twolayer import ACTIVATIONS, TwoLayer
 from physai.twolayer.ntk import empirical_ntk
 
@@ -306,16 +307,10 @@ def run(config: CatapultConfig = CatapultConfig(), progress: bool = False) -> Ca
     return CatapultResult(config, lam0, losses, final, curvature, curvature_steps)
 
 
-def add_parser(commands) -> None:
-    """Register the ``physai catapult`` command on the CLI's subparsers."""
-    import sys
-
-    from physai.experiments._cli import add_experiment_parser
-
-    add_experiment_parser(commands, "catapult", sys.modules[__name__],
-                          help="the catapult phase of large learning rates (Lewkowycz et al.)",
-                          description="Full-batch GD on wide two-layer nets in NTK parameterization, MSE: lazy below "
-                                      "eta lambda0 = 2, catapult up to eta_max lambda0, divergent above.")
+add_parser = experiment_command(
+    "catapult", __name__, help="the catapult phase of large learning rates (Lewkowycz et al.)",
+    description="Full-batch GD on wide two-layer nets in NTK parameterization, MSE: lazy below eta lambda0 "
+                "= 2, catapult up to eta_max lambda0, divergent above.")
 
 
 Config = CatapultConfig

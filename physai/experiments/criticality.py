@@ -31,6 +31,7 @@ import numpy as np
 from physai._checks import check_float, check_int
 from physai._progress import progress as _progress
 from physai.experiments._base import ExperimentConfig, ExperimentResult
+from physai.experiments._cli import experiment_command
 from physai.theory import (critical_point, exact_metric_variance, finite_width, finite_width_kernel,
                            kernel_recursion, sample_mlp, susceptibilities)
 from physai.theory.gaussian import ACTIVATIONS
@@ -279,17 +280,10 @@ def run(config: CriticalityConfig = CriticalityConfig(), progress: bool = False)
                              chi_sem, *variance)
 
 
-def add_parser(commands) -> None:
-    """Register the ``physai criticality`` command on the CLI's subparsers."""
-    import sys
-
-    from physai.experiments._cli import add_experiment_parser
-
-    add_experiment_parser(commands, "criticality", sys.modules[__name__],
-                          help="kernel recursions and criticality vs Monte Carlo",
-                          description="Kernel and susceptibilities vs depth below, at and above criticality, and the "
-                                      "finite-width variance vs depth/width, theory against Monte Carlo ensembles of "
-                                      "deep MLPs.")
+add_parser = experiment_command(
+    "criticality", __name__, help="kernel recursions and criticality vs Monte Carlo",
+    description="Kernel and susceptibilities vs depth below, at and above criticality, and the finite-width "
+                "variance vs depth/width, theory against Monte Carlo ensembles of deep MLPs.")
 
 
 Config = CriticalityConfig

@@ -17,6 +17,7 @@ import numpy as np
 
 from physai._checks import check_float, check_int, check_seed
 from physai.experiments._base import ExperimentConfig, ExperimentResult
+from physai.experiments._cli import experiment_command
 from physai.twolayer import TwoLayer
 
 
@@ -100,8 +101,8 @@ class EosResult(ExperimentResult):
         lines = [f"{'lr':>6} {'2/lr':>7} {'sharp@0':>8} {'max':>7} {'last 1/4':>9} {'loss@0':>8} {'loss@end':>9}"]
         for row in self.summary():
             lines.append(f"{row['lr']:>6g} {row['two_over_lr']:>7.3f} {row['sharpness_start']:>8.3f} "
-                         f"{row['sharpness_max']:>7.3f} {row['sharpness_last_quarter']:>9.3f} {row['loss_start']:>8.4f} "
-                         f"{row['loss_end']:>9.5f}")
+                         f"{row['sharpness_max']:>7.3f} {row['sharpness_last_quarter']:>9.3f} "
+                         f"{row['loss_start']:>8.4f} {row['loss_end']:>9.5f}")
         return "\n".join(lines)
 
     def trajectories(self) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
@@ -175,11 +176,6 @@ Config = EosConfig
 Result = EosResult
 
 
-def add_parser(commands) -> None:
-    """Register the ``physai eos`` command on the CLI's subparsers."""
-    import sys
-
-    from physai.experiments._cli import add_experiment_parser
-
-    add_experiment_parser(commands, "eos", sys.modules[__name__], help="edge-of-stability experiment",
-                          description="Full-batch GD on a two-layer tanh net: the sharpness rises to 2/lr.")
+add_parser = experiment_command(
+    "eos", __name__, help="edge-of-stability experiment",
+    description="Full-batch GD on a two-layer tanh net: the sharpness rises to 2/lr.")

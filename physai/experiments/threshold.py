@@ -58,6 +58,7 @@ from scipy.special import expit, ndtr
 from physai._checks import check_array, check_choice, check_float, check_int
 from physai._progress import progress as _progress
 from physai.experiments._base import ExperimentConfig, ExperimentResult
+from physai.experiments._cli import experiment_command
 
 
 LOSSES = ("sum", "mean")
@@ -467,16 +468,10 @@ def run(config: ThresholdConfig = ThresholdConfig(), progress: bool = False) -> 
                            sharp_steps.reshape(K, L, S))
 
 
-def add_parser(commands) -> None:
-    """Register the ``physai threshold`` command on the CLI's subparsers."""
-    import sys
-
-    from physai.experiments._cli import add_experiment_parser
-
-    add_experiment_parser(commands, "threshold", sys.modules[__name__],
-                          help="threshold neurons via the edge of stability (Ahn et al. 2022)",
-                          description="GD on a ReLU network with one shared bias on sparse coding: only rates above "
-                                      "the critical one learn a negative bias (threshold neurons).")
+add_parser = experiment_command(
+    "threshold", __name__, help="threshold neurons via the edge of stability (Ahn et al. 2022)",
+    description="GD on a ReLU network with one shared bias on sparse coding: only rates above the critical "
+                "one learn a negative bias (threshold neurons).")
 
 
 Config = ThresholdConfig

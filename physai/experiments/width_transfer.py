@@ -35,6 +35,7 @@ import numpy as np
 from physai._checks import check_choice, check_float, check_int
 from physai._progress import progress as _progress
 from physai.experiments._base import ExperimentConfig, ExperimentResult
+from physai.experiments._cli import experiment_command
 from physai.twolayer import ACTIVATIONS, PARAMETERIZATIONS, TwoLayer
 from physai.twolayer.reference import activation as _activation
 
@@ -237,7 +238,8 @@ class WidthTransferResult(ExperimentResult):
         lines = [f"{'param':>11} " + " ".join(f"{'m=' + str(m):>9}" for m in config.widths) + "   coord ratio (t=2, 3)"]
         for p, param in enumerate(config.parameterizations):
             worst = np.nanmax(np.abs(np.log(ratios[p, 1:])))
-            lines.append(f"{param:>11} " + " ".join(f"{lr:>9.3g}" for lr in best[p]) + f"   max |log ratio| {worst:.3f}")
+            rates = " ".join(f"{lr:>9.3g}" for lr in best[p])
+            lines.append(f"{param:>11} {rates}   max |log ratio| {worst:.3f}")
         lines.append("(best learning rate per width; coordinate ratio between the two largest widths)")
         return "\n".join(lines)
 
@@ -314,16 +316,10 @@ def run(config: WidthTransferConfig = WidthTransferConfig(), progress: bool = Fa
     return WidthTransferResult(config, losses, final, coord_check)
 
 
-def add_parser(commands) -> None:
-    """Register the ``physai width-transfer`` command on the CLI's subparsers."""
-    import sys
-
-    from physai.experiments._cli import add_experiment_parser
-
-    add_experiment_parser(commands, "width-transfer", sys.modules[__name__],
-                          help="learning-rate transfer across widths (muP vs standard)",
-                          description="Loss after T steps vs learning rate at widths 64..4096 under the standard, "
-                                      "NTK, mean-field and muP parameterizations, and mup's coordinate check.")
+add_parser = experiment_command(
+    "width-transfer", __name__, help="learning-rate transfer across widths (muP vs standard)",
+    description="Loss after T steps vs learning rate at widths 64..4096 under the standard, NTK, mean-field "
+                "and muP parameterizations, and mup's coordinate check.")
 
 
 Config = WidthTransferConfig

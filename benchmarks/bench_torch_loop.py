@@ -1,0 +1,142 @@
+"""TwoLayerModule as a drop-in inside a plain torch training loop, against what it replaces.
+
+Each benchmark runs 50 full-batch steps of: ``opt.zero_grad()``, ``F.mse_loss(model(X), Y)``, ``loss.backward()``,
+``opt.step()`` (torch.optim.SGD, lr 1e-3, relu), from the same initial weights, fp32, default threads. The subject
+is ``TwoLayerModule.from_linear`` (the fused forward and backward behind a torch.autograd.Function); the baseline the
+``nn.Sequential(Linear(d, m), ReLU(), Linear(m, k, bias=False))`` it replaces; the GEMM bound is numpy running the five
+matmuls of one step (Z = X W^T, F = S a^T, da = G^T S, dS = G a, dW = dS^T X) 50 times, printed beside each point
+(information: how close to the machine's GEMM rate the fused loop runs). Every benchmark declares its FLOP count
+(the five GEMMs, 4 n d m + 6 n m k per step) so report.py prints GFLOP/s and the fraction of the sgemm rate.
+"""
+import numpy as np
+import pytest
+
+STEPS = 50
+LR = 1e-3
+
+# (id, n, d, m, k, goal of Sequential / TwoLayerModule). Goal 1.5 where torch is not GEMM-bound (d <= 128 or
+# m <= 256); 1.0 (never slower) at n=4096, d=m=1024, where torch already runs near the GEMM bound.
+POINTS = [
+    ("n4096_d100_m1024_k10", 4096, 100, 1024, 10, 1.5),
+    ("n256_d32_m64_k1", 256, 32, 64, 1, 1.5),
+    ("n1024_d64_m256_k1", 1024, 64, 256, 1, 1.5),
+    ("n4096_d1024_m1024_k10", 4096, 1024, 1024, 10, 1.0),
+]
+IDS = [point[0] for point in POINTS]
+LARGE_IDS = {"n4096_d1024_m1024_k10"}
+
+# numpy of the same shapes is a GEMM bound only where the GEMMs are large; at small shapes its per-call cost (and
+# OpenBLAS threading on a loaded machine) dominates, and the bound printed is the FLOP count at the measured sgemm
+# rate (report.py's compute table: "sgemm bound ms" and "of sgemm").
+NUMPY_BOUND_IDS = ["n4096_d100_m1024_k10", "n4096_d1024_m1024_k10"]
+
+RATIOS = []
+for _id, _n, _d, _m, _k, _goal in POINTS:
+    RATIOS.append((f"torch_loop {_id} (50 SGD steps, relu, F.mse_loss): nn.Sequential / TwoLayerModule",
+                   f"test_torch_loop_sequential[{_id}]", f"test_torch_loop_physai[{_id}]", _goal))
+    if _id in NUMPY_BOUND_IDS:
+        RATIOS.append((f"torch_loop {_id}: GEMM bound (numpy, same 5 matmuls x 50) / TwoLayerModule (information)",
+                       f"test_torch_loop_gemm_bound[{_id}]", f"test_torch_loop_physai[{_id}]", 0.0))
+        RATIOS.append((f"torch_loop {_id}: GEMM bound / nn.Sequential (information: is torch GEMM-bound here?)",
+                       f"test_torch_loop_gemm_bound[{_id}]", f"test_torch_loop_sequential[{_id}]", 0.0))
+
+
+def flops(n, d, m, k):
+    """The five GEMMs of one forward + backward step (elementwise work not counted), times STEPS."""
+    return STEPS * (4 * n * d * m + 6 * n * m * k)
+
+
+def _point(request):
+    return next(p for p in POINTS if p[0] == request.param)
+
+
+def _timed(benchmark, run, large):
+    if large:  # 17 GFLOP a step: two rounds of 50 steps (the drop-in check before them warmed up)
+        benchmark.pedantic(run, rounds=2, iterations=1)
+    else:
+        benchmark(run)
+
+
+@pytest.fixture(scope="module", params=IDS)
+def point(request, torch):
+    _id, n, d, m, k, _ = _point(request)
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(d, m), torch.nn.Linear(m, k, bias=False)
+    X, Y = torch.randn(n, d), torch.randn(n, k)
+    state = {"first": {k_: v.clone() for k_, v in first.state_dict().items()},
+             "second": {k_: v.clone() for k_, v in second.state_dict().items()}}
+    return dict(id=_id, n=n, d=d, m=m, k=k, first=first, second=second, X=X, Y=Y, state=state)
+
+
+def _loop(torch, model, X, Y):
+    import torch.nn.functional as F
+
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def run():
+        for _ in range(STEPS):
+            opt.zero_grad(set_to_none=True)
+            loss = F.mse_loss(model(X), Y)
+            loss.backward()
+            opt.step()
+        return loss.detach()
+
+    return run
+
+
+def _sequential(torch, p):
+    first, second = torch.nn.Linear(p["d"], p["m"]), torch.nn.Linear(p["m"], p["k"], bias=False)
+    first.load_state_dict(p["state"]["first"])
+    second.load_state_dict(p["state"]["second"])
+    return torch.nn.Sequential(first, torch.nn.ReLU(), second)
+
+
+def _fused(torch, p):
+    from physai.twolayer.torch import TwoLayerModule
+
+    seq = _sequential(torch, p)
+    return TwoLayerModule.from_linear(seq[0], seq[2], activation="relu")
+
+
+def test_torch_loop_physai(benchmark, torch, point):
+    p = point
+    model = _fused(torch, p)
+    run = _loop(torch, model, p["X"], p["Y"])
+    # the same loop on both models ends at the same loss (a drop-in computes the same thing)
+    reference = _loop(torch, _sequential(torch, p), p["X"], p["Y"])()
+    final = run()
+    assert torch.allclose(final, reference, rtol=1e-3, atol=1e-5), (float(final), float(reference))
+    benchmark.extra_info.update(flops=flops(p["n"], p["d"], p["m"], p["k"]))
+    _timed(benchmark, run, p["id"] in LARGE_IDS)
+
+
+def test_torch_loop_sequential(benchmark, torch, point):
+    p = point
+    run = _loop(torch, _sequential(torch, p), p["X"], p["Y"])
+    benchmark.extra_info.update(flops=flops(p["n"], p["d"], p["m"], p["k"]))
+    _timed(benchmark, run, p["id"] in LARGE_IDS)
+
+
+def test_torch_loop_gemm_bound(benchmark, torch, point):
+    p = point
+    if p["id"] not in NUMPY_BOUND_IDS:
+        pytest.skip("small shapes: the bound is the FLOP count at the sgemm rate (report.py)")
+    n, d, m, k = p["n"], p["d"], p["m"], p["k"]
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((n, d), dtype=np.float32)
+    W = rng.standard_normal((m, d), dtype=np.float32)
+    a = rng.standard_normal((k, m), dtype=np.float32)
+    S = np.maximum(X @ W.T, 0)
+    G = rng.standard_normal((n, k), dtype=np.float32)
+
+    def run():
+        for _ in range(STEPS):
+            Z = X @ W.T          # pre-activations
+            F = S @ a.T          # outputs
+            da = G.T @ S         # output-layer gradient
+            dS = G @ a           # backprop into the hidden layer
+            dW = dS.T @ X        # input-layer gradient
+        return Z, F, da, dW
+
+    benchmark.extra_info.update(flops=flops(n, d, m, k))
+    _timed(benchmark, run, p["id"] in LARGE_IDS)
