@@ -16,6 +16,18 @@ def rng():
     return np.random.default_rng(1234)
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """For modules of tiny torch models: torch's intra-op threads only add barrier overhead there (severe on a loaded
+    machine). Use with ``pytestmark = pytest.mark.usefixtures("single_torch_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # --- tolerances -------------------------------------------------------------------------------------------------
 # One rule for every float comparison, after flash-attention's tests: a fast result and its reference twin (run in
 # the same dtype) are each compared with a truth computed in higher precision (the twin in long double), and the

@@ -12,13 +12,7 @@ from physai.spectrum import TorchHessian, hessian_eigs  # noqa: E402
 
 F64 = torch.float64
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def flat_loss(model, loss_of_outputs, names=None):

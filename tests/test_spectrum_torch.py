@@ -33,14 +33,7 @@ def dense_hessian(model, loss_fn, X, y):
 
 mse = torch.nn.functional.mse_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """These models are tiny: torch's intra-op threads only add barrier overhead (severe on a loaded machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def squared_error(output, target):

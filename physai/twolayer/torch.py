@@ -269,14 +269,8 @@ def _fused_hvp(X, Y, W, b, a, spec, loss, vW, vb, va):
     return pieces[0].reshape(W.shape), Hb, pieces[-1].reshape(a.shape)
 
 
-class _LossGradFunction(torch.autograd.Function):
-    """(dW, db, da) of the fused loss; its backward and its forward-mode derivative are the Hessian-vector product,
-    which makes double backward and forward-over-reverse HVPs of the loss exact and native."""
-
-    @staticmethod
-    def forward(X, Y, W, b, a, spec, loss):
-        _, dW, db, da = _fused_loss_and_grad(X, Y, W, b, a, spec, loss)
-        return torch.from_numpy(dW), None if db is None else torch.from_numpy(db), torch.from_numpy(da)
+class _FusedLossFunction(torch.autograd.Function):
+    """What the loss and its gradient save: the data and parameters, the network's spec and the loss name."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -284,6 +278,16 @@ class _LossGradFunction(torch.autograd.Function):
         ctx.save_for_backward(X, Y, W, b, a)
         ctx.save_for_forward(X, Y, W, b, a)
         ctx.spec, ctx.loss = spec, loss
+
+
+class _LossGradFunction(_FusedLossFunction):
+    """(dW, db, da) of the fused loss; its backward and its forward-mode derivative are the Hessian-vector product,
+    which makes double backward and forward-over-reverse HVPs of the loss exact and native."""
+
+    @staticmethod
+    def forward(X, Y, W, b, a, spec, loss):
+        _, dW, db, da = _fused_loss_and_grad(X, Y, W, b, a, spec, loss)
+        return torch.from_numpy(dW), None if db is None else torch.from_numpy(db), torch.from_numpy(da)
 
     @staticmethod
     @once_differentiable
@@ -301,17 +305,10 @@ class _LossGradFunction(torch.autograd.Function):
         return _fused_hvp(X, Y, W, b, a, ctx.spec, ctx.loss, tW, tb, ta)
 
 
-class _LossFunction(torch.autograd.Function):
+class _LossFunction(_FusedLossFunction):
     @staticmethod
     def forward(X, Y, W, b, a, spec, loss):
         return torch.from_numpy(_fused_loss_and_grad(X, Y, W, b, a, spec, loss)[0])
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        X, Y, W, b, a, spec, loss = inputs
-        ctx.save_for_backward(X, Y, W, b, a)
-        ctx.save_for_forward(X, Y, W, b, a)
-        ctx.spec, ctx.loss = spec, loss
 
     @staticmethod
     def backward(ctx, grad_value):
