@@ -4,6 +4,7 @@ import functools
 
 import numpy as np
 import pytest
+from conftest import two_layer_gemms
 
 from physai.twolayer import TwoLayer
 
@@ -171,16 +172,8 @@ def test_large_numpy_gemms(benchmark, large):
     S = np.tanh(X @ W.T)
     G = np.ones((LARGE["n"], LARGE["k"]), np.float32)
 
-    def matmuls():
-        Z = X @ W.T          # pre-activations
-        F = S @ a.T          # outputs
-        da = G.T @ S         # output-layer gradient
-        dS = G @ a           # backprop into the hidden layer
-        dW = dS.T @ X        # input-layer gradient
-        return Z, F, da, dW
-
     benchmark.extra_info.update(flops=flops_grad(**LARGE))
-    benchmark(matmuls)
+    benchmark(two_layer_gemms, X, W, a, S, G)
 
 
 def test_large_torch(benchmark, large, torch):
