@@ -1,10 +1,20 @@
 import os
+import pathlib
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+import physai
 from physai.twolayer import ACTIVATIONS, LOSSES, PARAMETERIZATIONS, TwoLayer
+
+# A `pytest` script from another environment imports whichever physai that environment has installed (in a venv
+# made with --system-site-packages, an editable install of another checkout): these tests would then judge that
+# code, not this tree's. Stop at once instead.
+_HERE = pathlib.Path(__file__).resolve().parents[1]
+if pathlib.Path(physai.__file__).resolve().parents[1] != _HERE:
+    pytest.exit(f"physai is imported from {pathlib.Path(physai.__file__).parent}, not from this checkout ({_HERE}): "
+                f"install it here with pip install -e \".[test]\" and run this environment's pytest", returncode=4)
 
 settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

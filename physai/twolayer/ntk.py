@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from physai._checks import check_array
+from physai._checks import as_array, check_array
 from physai.twolayer.reference import activation
 
 
@@ -39,7 +39,7 @@ def _weighted_derivatives(D, a):
 
 
 def _check_inputs(net, X, name):
-    X = check_array(X, name, dtype=net.dtype, contiguous=False)
+    X = as_array(X, name, np.float64)  # the kernel is computed in float64 whatever the inputs' real dtype
     if X.ndim not in (2, 3) or X.shape[-1] != net.d or X.ndim == 3 and X.shape[0] != net.ensemble:
         raise ValueError(f"{name}: expected shape (n, {net.d}) or ({net.ensemble}, n, {net.d}), got {X.shape}")
     return X
@@ -47,8 +47,9 @@ def _check_inputs(net, X, name):
 
 def empirical_ntk(net, X: np.ndarray, X2: np.ndarray | None = None) -> np.ndarray:
     """Theta = J(X) J(X2)^T of each member of ``net`` (a ``physai.twolayer.TwoLayer``): [E, n k, n2 k] in the
-    model's dtype (computed in float64). X [n, d] (shared) or [E, n, d] of the model's dtype; X2 likewise
-    (default X). Raises TypeError/ValueError naming a bad argument."""
+    model's dtype (computed in float64). X [n, d] (shared) or [E, n, d] of any real dtype (converted to float64,
+    a copy); X2 likewise (default X). Raises TypeError (complex or non-numeric) / ValueError (shape) naming the
+    argument."""
     s = net.scaling
     a = net.a.astype(np.float64)
     S, D, Xb = _features(net, _check_inputs(net, X, "X"))
