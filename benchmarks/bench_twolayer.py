@@ -49,7 +49,8 @@ def flops_hvp(n, d, m, k, E=1):
 
 
 _PEAK_CHILD = r"""
-import gc, importlib.util, re, sys
+import gc, importlib.util, os, re, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))  # the benchmarks' conftest helpers
 spec = importlib.util.spec_from_file_location("bench_twolayer", sys.argv[1])
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
