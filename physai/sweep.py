@@ -220,15 +220,16 @@ def _check_ensemble_axes(cls) -> None:
 
 
 def experiment(name: str):
-    """The experiment module ``physai.experiments.<name>`` (or the module ``name`` when it is a dotted path),
-    checked to follow the protocol (see :func:`protocol`). Raises ``ValueError`` naming the experiments there are
+    """The experiment module ``physai.experiments.<name>`` (or the module ``name`` when it is a dotted path; a
+    hyphen reads as an underscore, so the subcommand's name ``width-transfer`` works), checked to follow the
+    protocol (see :func:`protocol`). Raises ``ValueError`` naming the experiments there are
     when ``name`` is not one, or what the module lacks."""
     import physai.experiments
 
     available = sorted(m.name for m in pkgutil.iter_modules(physai.experiments.__path__) if not m.name.startswith("_"))
     if not isinstance(name, str) or not name or name.startswith("_"):
         raise ValueError(f"experiment: expected one of {available} or a dotted module path, got {name!r}")
-    module_name = name if "." in name else f"physai.experiments.{name}"
+    module_name = name if "." in name else f"physai.experiments.{name.replace('-', '_')}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:

@@ -183,6 +183,8 @@ def test_bad_config_and_executor():
     with pytest.raises(ValueError, match="experiment"):
         sweep.experiment("no_such_experiment")
     assert sweep.experiment("eos") is eos
+    from physai.experiments import width_transfer
+    assert sweep.experiment("width-transfer") is width_transfer  # the subcommand's spelling
 
 
 # -- folding and placement ----------------------------------------------------------------------------------------
