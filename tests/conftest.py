@@ -26,6 +26,28 @@ def rng():
     return np.random.default_rng(1234)
 
 
+def assert_saves_and_loads(result, path):
+    """``result`` (an experiment result) written to ``path`` (.json or .npz) reads back equal: the same config, every
+    array field bit for bit with its dtype (NaN and infinities included), every other field equal; JSON files hold
+    standard JSON only (no NaN/Infinity tokens)."""
+    import dataclasses
+    import json
+
+    result.save(path)
+    if path.suffix == ".json":
+        json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"non-standard JSON token {token}"))
+    loaded = type(result).load(path)
+    assert loaded.config == result.config
+    for field in dataclasses.fields(result):
+        mine, theirs = getattr(result, field.name), getattr(loaded, field.name)
+        if isinstance(mine, np.ndarray):
+            np.testing.assert_array_equal(theirs, mine)
+            assert theirs.dtype == mine.dtype, field.name
+        elif field.name != "config":
+            assert theirs == mine, field.name
+    return loaded
+
+
 @pytest.fixture(scope="module")
 def single_torch_thread():
     """For modules of tiny torch models: torch's intra-op threads only add barrier overhead there (severe on a loaded

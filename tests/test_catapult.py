@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import assert_saves_and_loads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -154,12 +155,8 @@ def test_same_seed_same_bits_and_protocol():
 def test_save_load_round_trip_bit_for_bit(tmp_path, suffix):
     result = run(TINY)
     assert not np.isfinite(result.losses).all()
-    path = tmp_path / ("catapult" + suffix)
-    result.save(path)
-    loaded = CatapultResult.load(path)
-    assert loaded.config == result.config
-    for name in ("lam0", "losses", "final_loss", "curvature", "curvature_steps"):
-        np.testing.assert_array_equal(getattr(loaded, name), getattr(result, name))
+    assert_saves_and_loads(result, tmp_path / ("catapult" + suffix))
+
 
 
 @pytest.mark.parametrize("change, name", [

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_saves_and_loads
 
 from physai.cli import main
 from physai.experiments import criticality
@@ -46,11 +47,7 @@ def test_inputs_have_the_configured_geometry():
 
 def test_save_load_and_plot(result, tmp_path):
     for name in ("r.json", "r.npz"):
-        result.save(tmp_path / name)
-        loaded = CriticalityResult.load(tmp_path / name)
-        assert loaded.config == result.config
-        assert np.array_equal(loaded.kernel_mc, result.kernel_mc)
-        assert np.array_equal(loaded.variance_exact, result.variance_exact, equal_nan=True)
+        assert_saves_and_loads(result, tmp_path / name)
     dims, values = result.trajectories()["kernel_theory"]
     assert len(dims) == values.ndim
     pytest.importorskip("matplotlib")

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import assert_saves_and_loads
 
 from physai.experiments.eos import EosConfig, EosResult, run
 
@@ -64,15 +65,7 @@ def test_bad_config():
 def test_save_load_round_trip_bit_for_bit(tmp_path, suffix):
     result = run(EosConfig(learning_rates=(0.5, 40.0), steps=60, track_every=20, n=50))
     assert not np.isfinite(result.losses[:, 1]).all()  # a diverged member: NaN and inf must survive the trip
-    path = tmp_path / ("eos" + suffix)
-    result.save(path)
-    if suffix == ".json":
-        json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"non-standard JSON token {token}"))
-    loaded = EosResult.load(path)
-    assert loaded.config == result.config
-    for name in ("losses", "sharpness", "sharpness_steps", "matvecs"):
-        np.testing.assert_array_equal(getattr(loaded, name), getattr(result, name))
-        assert getattr(loaded, name).dtype == getattr(result, name).dtype
+    assert_saves_and_loads(result, tmp_path / ("eos" + suffix))
 
 
 def test_result_pickles_and_deep_copies():

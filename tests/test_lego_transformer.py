@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import assert_saves_and_loads
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -260,16 +261,9 @@ def test_tree_graph_reports_absent_depths_as_nan():
 
 @pytest.mark.parametrize("suffix", [".json", ".npz"])
 def test_save_load_round_trip_bit_for_bit(tiny_run, tmp_path, suffix):
-    path = tmp_path / ("lego" + suffix)
-    tiny_run.save(path)
-    if suffix == ".json":
-        json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"non-standard JSON token {token}"))
-    loaded = LegoTransformerResult.load(path)
-    assert loaded.config == tiny_run.config
-    for f in ("eval_steps", "test_accuracy", "train_loss", "mimic_loss", "example_attention", "identical_mass"):
-        np.testing.assert_array_equal(getattr(loaded, f), getattr(tiny_run, f))
-        assert getattr(loaded, f).dtype == getattr(tiny_run, f).dtype
+    loaded = assert_saves_and_loads(tiny_run, tmp_path / ("lego" + suffix))
     assert loaded.summary() == tiny_run.summary()
+
 
 
 def test_summary_and_table(tiny_run):

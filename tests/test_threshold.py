@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import assert_saves_and_loads
 
 from physai.experiments.threshold import (ThresholdConfig, ThresholdResult, critical_lr, eta_star, even_mode_curvature,
                                           hessian, loss_and_grad, mean_model_loss, mean_model_step, network_output,
@@ -265,12 +266,8 @@ def test_same_seed_same_bits_and_protocol():
 @pytest.mark.parametrize("suffix", [".json", ".npz"])
 def test_save_load_round_trip_bit_for_bit(tmp_path, suffix):
     result = run(TINY)
-    path = tmp_path / ("threshold" + suffix)
-    result.save(path)
-    loaded = ThresholdResult.load(path)
-    assert loaded.config == result.config
-    for name in ("final_bias", "bias", "mean_model_bias", "sharpness", "sharpness_steps"):
-        np.testing.assert_array_equal(getattr(loaded, name), getattr(result, name))
+    assert_saves_and_loads(result, tmp_path / ("threshold" + suffix))
+
 
 
 @pytest.mark.parametrize("change, name", [

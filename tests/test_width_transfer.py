@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import assert_saves_and_loads
 
 from physai.experiments.width_transfer import (LAYERS, WidthTransferConfig, WidthTransferResult, coordinate_check,
                                                layer_coordinates, make_task, run)
@@ -118,12 +119,8 @@ def test_same_seed_same_bits_and_shapes():
 def test_save_load_round_trip_bit_for_bit(tmp_path, suffix):
     result = run(TINY)
     assert not np.isfinite(result.final_loss).all()  # rate 1e4 diverges: inf/NaN must survive
-    path = tmp_path / ("wt" + suffix)
-    result.save(path)
-    loaded = WidthTransferResult.load(path)
-    assert loaded.config == result.config
-    for name in ("losses", "final_loss", "coord_check"):
-        np.testing.assert_array_equal(getattr(loaded, name), getattr(result, name))
+    assert_saves_and_loads(result, tmp_path / ("wt" + suffix))
+
 
 
 @pytest.mark.parametrize("change, name", [
