@@ -550,13 +550,25 @@ sweep.run(BASE, sweep.grid(width=[4, 6, 8, 10, 12], lr=[0.3, 0.5, 0.7]), out=sys
 """
 
 
+def _kill_group(process):
+    """End whatever is left of ``process``'s process group (started with ``start_new_session=True``)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 @pytest.mark.parametrize("executor", ["inprocess", "process:2"])
 def test_resume_after_sigkill_mid_write_loses_and_recomputes_nothing(tmp_path, counted, executor):
     out = tmp_path / "killed.zarr"
     widths = [4, 6, 8, 10, 12]
     space = sweep.grid(width=widths, lr=[0.3, 0.5, 0.7])
-    process = subprocess.run([sys.executable, "-c", KILLED_SWEEP, str(out), executor], timeout=300)
-    assert process.returncode == -signal.SIGKILL
+    # In its own process group, so that the pool workers the killed driver orphans are ended with it.
+    process = subprocess.Popen([sys.executable, "-c", KILLED_SWEEP, str(out), executor], start_new_session=True)
+    try:
+        assert process.wait(timeout=300) == -signal.SIGKILL
+    finally:
+        _kill_group(process)
     stored = zarr.open_array(out / "status", mode="r")[...] == sweep.STATUS_DONE
     assert stored.all(axis=1).sum() == 2  # two tasks committed; the third's data is there, its status not
     assert (stored.all(axis=1) == stored.any(axis=1)).all()  # a task's points are stored together or not at all
@@ -632,14 +644,16 @@ def test_a_worker_that_dies_leaves_its_points_missing_not_failed(tmp_path, toy, 
     assert fixed["square"].values.tolist() == [0, 1, 4, 9] and fixed["y"].dims == ("x", "step")
 
 
-def test_ctrl_c_stores_what_finished_and_exits_with_one_line(tmp_path, toy):
+def test_ctrl_c_stores_what_finished_and_exits_with_one_line(tmp_path, toy, request):
     """16 points of 2 s each on 2 workers: when the signal comes after the second point, at least 12 s of sleeping
     remain (0.5 s points let a loaded machine finish the sweep first). Stopping must take less than that: the
     running points' last 2 s plus the pool's shutdown, well under 10 s."""
     out = tmp_path / "interrupted.zarr"
     command = [sys.executable, "-m", "physai", "sweep", "sweeptoys.toy", "--x", "0:16", "--sleep", "2", "--out",
                str(out), "--executor", "process:2", "--quiet"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    request.addfinalizer(lambda: _kill_group(process))
     deadline = time.monotonic() + 120
     while not ((out / "status" / "zarr.json").exists()
                and (zarr.open_array(out / "status", mode="r")[...] == sweep.STATUS_DONE).sum() >= 2):
