@@ -35,33 +35,34 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def field_parser(annotation) -> tuple[typing.Callable[[str], typing.Any], bool]:
-    """(parse one value, is a tuple) for a config field's type annotation: int, float, str, bool, their
-    ``X | None`` forms and ``tuple[X, ...]``."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
+def _field_form(annotation) -> tuple[type, bool, bool]:
+    """(scalar type, is a tuple, may be None) of a config field's type annotation: int, float, str, bool, their
+    ``X | None`` forms and ``tuple[X, ...]``; any other raises ``TypeError``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is tuple:
-        return field_parser(args[0])[0], True
-    if args and type(None) in args:  # Optional[X]: 'none' spells None on the command line
-        inner = field_parser(next(a for a in args if a is not type(None)))[0]
-        return (lambda text: None if text.lower() == "none" else inner(text)), False
-    if annotation is bool:
-        return _boolean, False
-    if annotation in (int, float, str):
-        return annotation, False
+        return _field_form(args[0])[0], True, False
+    if args and type(None) in args:
+        return _field_form(next(a for a in args if a is not type(None)))[0], False, True
+    if annotation in (bool, int, float, str):
+        return annotation, False, False
     raise TypeError(f"config fields of type {annotation!r} have no command-line form")
 
 
+def field_parser(annotation) -> tuple[typing.Callable[[str], typing.Any], bool]:
+    """(parse one value, is a tuple) for a config field's type annotation (the forms of :func:`field_type`);
+    'none' spells None for an ``X | None`` field."""
+    kind, many, optional = _field_form(annotation)
+    parse = _boolean if kind is bool else kind
+    if optional:
+        return (lambda text: None if text.lower() == "none" else parse(text)), False
+    return parse, many
+
+
 def field_type(annotation) -> tuple[type, bool]:
-    """(scalar type, is a tuple) of a config field's type annotation, of the forms :func:`field_parser` takes:
-    ``tuple[float, ...]`` -> (float, True), ``int | None`` -> (int, False). Raises ``TypeError`` as it does."""
-    field_parser(annotation)  # the same forms, the same error
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is tuple:
-        return field_type(args[0])[0], True
-    if args and type(None) in args:
-        return field_type(next(a for a in args if a is not type(None)))[0], False
-    return annotation, False
+    """(scalar type, is a tuple) of a config field's type annotation: int, float, str, bool, their ``X | None``
+    forms and ``tuple[X, ...]`` (``tuple[float, ...]`` -> (float, True), ``int | None`` -> (int, False)); any other
+    raises ``TypeError``."""
+    return _field_form(annotation)[:2]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:

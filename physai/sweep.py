@@ -17,8 +17,8 @@ and ``physai plot runs/eos.zarr --x lr --y width --z sharpness_last_quarter``.
 :mod:`physai.experiments._base`. The config's module (``type(config).__module__``) must define a module-level
 ``run(config, progress=False)`` returning a result with ``summary()`` and ``trajectories()``; ``physai sweep NAME``
 imports ``physai.experiments.NAME`` (or NAME itself when it is a dotted module path) and takes its module-level
-aliases ``Config``, ``run`` and ``Result`` (``Config = EosConfig``, ``Result = EosResult`` in eos.py); a module
-without the aliases works when it defines exactly one config and one result class (:func:`protocol`).
+names ``Config``, ``run`` and ``Result`` (``Config = EosConfig``, ``Result = EosResult`` in eos.py; see
+:func:`protocol`).
 
 **Axes.** An axis is a config field (``width``, ``seed``, ``steps``...) or an ensemble axis of the config
 (``Config.ensemble_axes``: ``lr`` for EoS, folded into the tuple field ``learning_rates``). :func:`grid` gives
@@ -177,27 +177,17 @@ def zip_(**axes) -> Space:
 
 # -- experiments --------------------------------------------------------------------------------------------------
 
-def _defined(module, base) -> list[type]:
-    return [value for value in vars(module).values()
-            if isinstance(value, type) and issubclass(value, base) and value.__module__ == module.__name__]
-
-
 def protocol(module) -> tuple[type, typing.Callable, type]:
-    """(Config, run, Result) of an experiment module: its module-level ``Config``, ``run`` and ``Result``, or,
-    where an alias is missing, the one :class:`ExperimentConfig` (:class:`ExperimentResult`) subclass the module
-    defines. Raises ``ValueError`` saying what the module lacks or where the choice is ambiguous."""
+    """(Config, run, Result) of an experiment module: its module-level ``Config``, ``run`` and ``Result`` (see
+    ``physai.experiments._base``). Raises ``ValueError`` saying what the module lacks."""
     from physai.experiments._base import ExperimentResult
 
     found = []
     for alias, base in (("Config", ExperimentConfig), ("Result", ExperimentResult)):
         value = getattr(module, alias, None)
-        if value is None:
-            candidates = _defined(module, base)
-            if len(candidates) != 1:
-                raise ValueError(f"experiment: module {module.__name__} has no {alias} alias and defines "
-                                 f"{len(candidates)} {base.__name__} subclasses {[c.__name__ for c in candidates]}; "
-                                 f"add {alias} = <the class> (see physai.experiments._base)")
-            value = candidates[0]
+        if not (isinstance(value, type) and issubclass(value, base)):
+            raise ValueError(f"experiment: module {module.__name__} has no {alias} = <its {base.__name__} subclass> "
+                             f"(see physai.experiments._base)")
         found.append(value)
     if not callable(getattr(module, "run", None)):
         raise ValueError(f"experiment: module {module.__name__} has no run(config) function")

@@ -185,6 +185,9 @@ def test_bad_config_and_executor():
     assert sweep.experiment("eos") is eos
     from physai.experiments import width_transfer
     assert sweep.experiment("width-transfer") is width_transfer  # the subcommand's spelling
+    import types
+    with pytest.raises(ValueError, match="has no Config = "):
+        sweep.protocol(types.ModuleType("no_aliases"))
 
 
 # -- folding and placement ----------------------------------------------------------------------------------------

@@ -19,8 +19,7 @@ What ``physai.sweep`` relies on when it folds an ensemble axis: a run whose ense
 and every trajectory with a ``"member"`` dimension has extent M there; no other setting may multiply the members
 (a sweep refuses a result that breaks this, naming the experiment and this rule), and no config field may be named
 like an ensemble axis (the sweep axis would be ambiguous). The module-level names ``Config`` and
-``Result`` are aliases (``Config = EosConfig``); a module without them is used when it defines exactly one config
-and one result class. A trajectory dimension named like a config field (``"seed"`` for the seeds of one run) is
+``Result`` (aliases: ``Config = EosConfig``) are how the CLI and the sweep find the classes. A trajectory dimension named like a config field (``"seed"`` for the seeds of one run) is
 stored as ``run_<name>`` in a sweep over that field.
 """
 from __future__ import annotations
