@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from physai.experiments import threshold
+from physai.twolayer import shared_bias
 from physai.experiments.width_transfer import WidthTransferConfig, _initial_models, make_task
 
 RATIOS = [
@@ -13,10 +14,10 @@ RATIOS = [
      "test_width_grid_torch_loop", "test_width_grid_native", 5),
     ("width transfer grid: native ensemble vs torch.func.vmap over the ensemble",
      "test_width_grid_vmap", "test_width_grid_native", 2),
-    ("threshold sweep, d=50 n=1500, 7 rates x 4 seeds, 50 GD steps: numpy ensemble vs torch loop over rates",
-     "test_threshold_torch_loop", "test_threshold_numpy", 1),
-    ("threshold sweep: numpy ensemble vs torch.func.vmap over the ensemble (information: no native kernel yet)",
-     "test_threshold_vmap", "test_threshold_numpy", 0.0),
+    ("threshold sweep, d=200 n=300, 5 rates x 4 seeds, 200 GD steps: native ensemble vs torch loop over rates",
+     "test_threshold_torch_loop", "test_threshold_native", 5),
+    ("threshold sweep: native ensemble vs torch.func.vmap over the ensemble",
+     "test_threshold_vmap", "test_threshold_native", 5),
 ]
 
 STEPS = 50
@@ -101,52 +102,49 @@ def test_width_grid_vmap(benchmark, width_problem, torch):
 
 
 # -- threshold neurons ------------------------------------------------------------------------------------------
-THRESHOLD = threshold.ThresholdConfig.small()
+THRESHOLD = threshold.ThresholdConfig.small()  # the paper's d = 200, n = 300; 5 rates x 4 seeds
+THRESHOLD_STEPS = 200
 
 
 @pytest.fixture(scope="module")
 def threshold_problem():
-    rng = np.random.default_rng(0)
-    X, y = threshold.sparse_coding_data(THRESHOLD.n, THRESHOLD.d, THRESHOLD.lam, rng)
-    E = len(THRESHOLD.lr_multipliers) * THRESHOLD.seeds
-    a_plus, a_minus = 0.01 * rng.standard_normal((2, E, THRESHOLD.d))
-    rates = np.repeat(THRESHOLD.learning_rates, THRESHOLD.seeds)
-    return X, y, a_plus, a_minus, rates
+    config = THRESHOLD
+    data = [threshold.sparse_coding_data(config.n, config.d, config.lam, np.random.default_rng([0, s]))
+            for s in range(config.seeds)]
+    X, y = np.array([X for X, _ in data]), np.array([y for _, y in data])
+    E = len(config.lr_multipliers) * config.seeds
+    dataset = np.tile(np.arange(config.seeds), len(config.lr_multipliers))
+    a_plus, a_minus = np.random.default_rng(1).normal(0, 1 / np.sqrt(2 * config.d), (2, E))
+    rates = np.repeat(config.learning_rates, config.seeds)
+    return X, y, dataset, a_plus, a_minus, rates
 
 
-def test_threshold_numpy(benchmark, threshold_problem):
-    X, y, a_plus0, a_minus0, rates = threshold_problem
+def test_threshold_native(benchmark, threshold_problem):
+    X, y, dataset, a_plus, a_minus, rates = threshold_problem
+    steps = np.full(len(rates), THRESHOLD_STEPS)
 
     def run():
-        a_plus, a_minus, b = a_plus0.copy(), a_minus0.copy(), np.zeros(len(rates))
-        for _ in range(STEPS):
-            _, (gp, gm, gb) = threshold.loss_and_grad(a_plus, a_minus, b, X, y, THRESHOLD.loss)
-            a_plus -= rates[:, None] * gp
-            a_minus -= rates[:, None] * gm
-            b -= rates * gb
-        return b
+        return shared_bias.train(X, y, a_plus, a_minus, np.zeros(len(rates)), rates, steps, dataset=dataset).b
 
     benchmark.pedantic(run, rounds=3, iterations=1)
 
 
 def _torch_threshold_loss(torch, Xt, yt):
     def loss(a_plus, a_minus, b):
-        f = torch.relu(Xt + b) @ a_plus + torch.relu(b - Xt) @ a_minus
-        per_sample = torch.nn.functional.softplus(-yt * f)
-        return per_sample.sum() if THRESHOLD.loss == "sum" else per_sample.mean()
+        f = a_plus * torch.relu(Xt + b).sum(-1) + a_minus * torch.relu(b - Xt).sum(-1)
+        return torch.nn.functional.softplus(-yt * f).mean()
     return loss
 
 
 def test_threshold_torch_loop(benchmark, threshold_problem, torch):
-    X, y, a_plus0, a_minus0, rates = threshold_problem
+    X, y, dataset, a_plus, a_minus, rates = threshold_problem
 
     def run():
-        loss = _torch_threshold_loss(torch, torch.from_numpy(X), torch.from_numpy(y))
         biases = []
         for e, lr in enumerate(rates):
-            params = [torch.tensor(a_plus0[e]).requires_grad_(), torch.tensor(a_minus0[e]).requires_grad_(),
-                      torch.zeros((), dtype=torch.float64, requires_grad=True)]
-            for _ in range(STEPS):
+            loss = _torch_threshold_loss(torch, torch.from_numpy(X[dataset[e]]), torch.from_numpy(y[dataset[e]]))
+            params = [torch.tensor(v, requires_grad=True) for v in (a_plus[e], a_minus[e], 0.0)]
+            for _ in range(THRESHOLD_STEPS):
                 grads = torch.autograd.grad(loss(*params), params)
                 with torch.no_grad():
                     for p, g in zip(params, grads):
@@ -160,15 +158,20 @@ def test_threshold_torch_loop(benchmark, threshold_problem, torch):
 def test_threshold_vmap(benchmark, threshold_problem, torch):
     from torch.func import grad, vmap
 
-    X, y, a_plus0, a_minus0, rates = threshold_problem
+    X, y, dataset, a_plus0, a_minus0, rates = threshold_problem
 
     def run():
-        step = vmap(grad(_torch_threshold_loss(torch, torch.from_numpy(X), torch.from_numpy(y)), argnums=(0, 1, 2)))
+        Xt, yt = torch.from_numpy(X[dataset]), torch.from_numpy(y[dataset])
+
+        def member_grad(a_plus, a_minus, b, X, y):
+            return grad(_torch_threshold_loss(torch, X, y), argnums=(0, 1, 2))(a_plus, a_minus, b)
+
+        step = vmap(member_grad)
         a_plus, a_minus = torch.from_numpy(a_plus0), torch.from_numpy(a_minus0)
         b, lr = torch.zeros(len(rates), dtype=torch.float64), torch.from_numpy(rates)
-        for _ in range(STEPS):
-            gp, gm, gb = step(a_plus, a_minus, b)
-            a_plus, a_minus, b = a_plus - lr[:, None] * gp, a_minus - lr[:, None] * gm, b - lr * gb
+        for _ in range(THRESHOLD_STEPS):
+            gp, gm, gb = step(a_plus, a_minus, b, Xt, yt)
+            a_plus, a_minus, b = a_plus - lr * gp, a_minus - lr * gm, b - lr * gb
         return b
 
     benchmark.pedantic(run, rounds=3, iterations=1)

@@ -12,6 +12,7 @@ namespace py = pybind11;
 void bind_rng(py::module_& m);
 void bind_lego(py::module_& m);
 void bind_twolayer(py::module_& m);
+void bind_shared_bias(py::module_& m);
 void bind_spectrum(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
@@ -40,6 +41,7 @@ PYBIND11_MODULE(_core, m) {
   bind_lego(lego);
   auto twolayer = m.def_submodule("twolayer", "fused two-layer network kernels");
   bind_twolayer(twolayer);
+  bind_shared_bias(twolayer);
   auto spectrum = m.def_submodule("spectrum", "power iteration and Lanczos");
   bind_spectrum(spectrum);
 }

@@ -175,3 +175,51 @@ def train(p: Params, X, Y, loss, lr, lr_multipliers, steps, batch_size=0):
             b -= (lr * lr_b)[:, None] * db
         a -= (lr * lr_a)[:, None, None] * da
     return np.array(losses).reshape(steps, W.shape[0]), p._replace(W=W, b=b, a=a)
+
+
+# ---- the shared-bias network of Ahn et al. (physai.twolayer.shared_bias; csrc/twolayer/shared_bias) -------------
+
+def shared_bias_output(X, a_plus, a_minus, b):
+    """f(x) = a+ sum_i ReLU(x_i + b) + a- sum_i ReLU(-x_i + b) by direct sums: X [E, n, d], parameters [E] -> [E, n]."""
+    b = b[:, None, None]
+    return (a_plus[:, None] * np.maximum(X + b, 0).sum(-1) + a_minus[:, None] * np.maximum(b - X, 0).sum(-1))
+
+
+def shared_bias_evaluate(X, y, a_plus, a_minus, b):
+    """Mean logistic loss [E], gradient [E, 3] and Hessian [E, 3, 3] in (a+, a-, b), by direct sums over the 2d
+    units: X [E, n, d], y [E, n] in {-1, +1}, parameters [E] (float64). d2f/db2 = 0 (ReLU'' = 0 off the kinks)."""
+    n = X.shape[1]
+    bb = b[:, None, None]
+    S_plus, S_minus = np.maximum(X + bb, 0).sum(-1), np.maximum(bb - X, 0).sum(-1)
+    N_plus, N_minus = (X + bb > 0).sum(-1).astype(float), (bb - X > 0).sum(-1).astype(float)
+    margin = y * (a_plus[:, None] * S_plus + a_minus[:, None] * S_minus)
+    loss = np.logaddexp(0, -margin).mean(1)
+    slope = -y * expit(-margin)  # dl/df
+    curvature = expit(margin) * expit(-margin)
+    J = np.stack([S_plus, S_minus, a_plus[:, None] * N_plus + a_minus[:, None] * N_minus], -1)  # [E, n, 3]
+    gradient = (slope[..., None] * J).mean(1)
+    hessian = np.einsum("en,eni,enj->eij", curvature, J, J) / n
+    cross = np.stack([(slope * N_plus).mean(1), (slope * N_minus).mean(1)], -1)  # d2f / da+- db = N+-
+    hessian[:, :2, 2] += cross
+    hessian[:, 2, :2] += cross
+    return loss, gradient, hessian
+
+
+def shared_bias_train(X, y, a_plus, a_minus, b, lr, steps, record_steps):
+    """Gradient descent as the native loop runs it, on X [E, n, d], y [E, n] (each member's own data): member e
+    takes steps[e] steps of size lr[e]; returns the final (a+, a-, b) [E] each and the records (loss [K, E],
+    params [K, E, 3], hessian [K, E, 3, 3]) taken before step record_steps[r, e] (steps[e]: after the last)."""
+    a_plus, a_minus, b = a_plus.copy(), a_minus.copy(), b.copy()
+    K, E = record_steps.shape
+    loss, params, hessian = np.full((K, E), np.nan), np.full((K, E, 3), np.nan), np.full((K, E, 3, 3), np.nan)
+    for t in range(int(steps.max(initial=0)) + 1):
+        value, gradient, H = shared_bias_evaluate(X, y, a_plus, a_minus, b)
+        due = record_steps == t
+        r, e = np.nonzero(due)
+        loss[r, e], hessian[r, e] = value[e], H[e]
+        params[r, e] = np.stack([a_plus, a_minus, b], -1)[e]
+        live = t < steps
+        a_plus -= np.where(live, lr * gradient[:, 0], 0)
+        a_minus -= np.where(live, lr * gradient[:, 1], 0)
+        b -= np.where(live, lr * gradient[:, 2], 0)
+    return (a_plus, a_minus, b), (loss, params, hessian)
