@@ -35,7 +35,7 @@ RATIOS = [
     ("top-1 Hessian eigenvalue to 1e-4, CNN + BatchNorm (train mode) fp32: PyHessian power (oracle stop) / physai "
      "hessian_eigs", "test_top1_cnn_pyhessian", "test_top1_cnn_physai", 3.0),
     ("top-5 Hessian eigenvalues to 1e-4, CNN + BatchNorm (train mode) fp32: PyHessian deflated power (oracle stop) / "
-     "physai hessian_eigs", "test_top5_cnn_pyhessian", "test_top5_cnn_physai", 3.0),
+     "physai hessian_eigs", "test_top5_cnn_pyhessian", "test_top5_cnn_physai", 10.0),
     ("NTK Gram, MLP 20-128-128-10 on n=128 fp32: one jacrev over all samples / physai ntk_gram (blocks of 32)",
      "test_ntk_gram_jacrev", "test_ntk_gram_physai", 1.5),
     ("NTK Gram, same MLP: the torch.func tutorial recipe, vmap(jacrev) per sample over all n / physai "

@@ -126,6 +126,20 @@ def test_a_rate_far_past_the_edge_kills_every_unit_and_returns():
     assert np.isfinite(run.sharpness).all()
 
 
+def test_an_infinite_bias_kills_every_unit_as_in_the_twin():
+    """b = -inf (reachable through the native call, or a rate near the float64 maximum): every unit dead, f = 0,
+    loss log 2, as the twin's direct sums give; b = +inf: every unit active, the loss infinite or NaN as the twin's."""
+    from physai import _core
+
+    X, y, a_plus, a_minus, _, dataset = _problem(E=2)
+    b = np.array([-np.inf, -np.inf])
+    native = _core.twolayer.shared_bias_evaluate(X, y, a_plus, a_minus, b, dataset)
+    twin = reference.shared_bias_evaluate(X[dataset], y[dataset], a_plus, a_minus, b)
+    np.testing.assert_array_equal(native[0], np.log(2))
+    np.testing.assert_array_equal(native[0], twin[0])
+    np.testing.assert_array_equal(native[1][:, :2], 0)
+
+
 def test_inputs_are_not_modified_and_runs_save_and_load(tmp_path):
     X, y, a_plus, a_minus, b, dataset = _problem()
     kept = [v.copy() for v in (X, y, a_plus, a_minus, b)]
@@ -148,6 +162,8 @@ def test_inputs_are_not_modified_and_runs_save_and_load(tmp_path):
     (dict(b=np.full(5, np.inf)), ValueError, "b"),
     (dict(dataset=np.full(5, 2)), ValueError, "dataset"),
     (dict(dataset=None), ValueError, "dataset"),
+    (dict(dataset=np.full(5, 0.7)), TypeError, "dataset"),
+    (dict(dataset=np.zeros(5, bool)), TypeError, "dataset"),
     (dict(lr=np.zeros(5)), ValueError, "lr"),
     (dict(steps=np.full(5, -1)), ValueError, "steps"),
     (dict(steps=np.full(5, 1.5)), TypeError, "steps"),

@@ -106,8 +106,8 @@ def test_tied_network_follows_the_mean_model_exactly():
 @pytest.mark.parametrize("multiplier", [1.25, 2.0, 4.0])
 def test_mean_model_ends_below_its_stability_bound(multiplier):
     """Above eta* the mean model's oscillation stops only once d^2 g(b)^2 / 8 < 2 / eta: its final bias lies below
-    ``mean_model_bias_bound`` (the root of g(b) = g(0) sqrt(eta* / eta)), and not far: the bound is reached by the
-    steps that overshoot it, so within 0.1 of it at these rates."""
+    ``mean_model_bias_bound`` (the root of g(b) = g(0) sqrt(eta* / eta)), and not far: it passes the bound by the
+    last oscillating step's move, measured 0.0006-0.018 from 1.05 to 19 eta* (0.02 allowed)."""
     d = 200
     eta = multiplier * eta_star(d)
     bound = mean_model_bias_bound(eta, d)
@@ -115,7 +115,7 @@ def test_mean_model_ends_below_its_stability_bound(multiplier):
     a, b = np.array(0.01), np.array(0.0)
     for _ in range(int(math.ceil(10 / eta))):
         a, b = mean_model_step(a, b, eta, d)
-    assert bound - 0.1 < b <= bound
+    assert bound - 0.02 < b <= bound
     assert mean_model_bias_bound(0.9 * eta_star(d), d) == 0.0
 
 
@@ -127,21 +127,24 @@ def _seed_mean_and_error(values):
 def test_bias_transition_at_eta_star(small):
     """The paper's Figure 1 setting at 0.5, 0.8, 1.25, 2, 3 eta*. The bias that gradient flow learns from the signal
     in time 10 (-0.18 here) is the same at every rate below the transition, so the transition is read per seed from
-    the drop db = b(eta) - b(0.5 eta*). Below eta* (0.8): |db| < 0.01 on every seed (the mean model predicts no drop;
-    measured 0.000). Above (1.25 eta*): the seed mean below half the mean model's bound
-    (``mean_model_bias_bound``: -0.087; measured -0.10); the drop grows with eta (the bound's -0.26, -0.40 at 2,
-    3 eta*). So the bias turns negative between 0.8 and 1.25 eta*, within a factor 1.5 of eta*."""
+    the drop db = b(eta) - b(0.5 eta*). Below eta* (0.8) the mean model predicts no drop: |db| < 0.01 on every seed
+    (measured 7e-4), an order of magnitude below the smallest drop above eta* on any seed (0.06 at 1.25 eta*).
+    Above eta* the seed-mean drop is below zero by more than 3 standard errors over seeds (measured -0.10 +- 0.018
+    at 1.25 eta*) and grows with eta. So the bias turns negative between 0.8 and 1.25 eta*, within a factor 1.5 of
+    eta*."""
     m = np.array(small.config.lr_multipliers)
     drop = small.final_bias - small.final_bias[0]
-    assert m[0] == 0.5 and m[1] < 1 < m[2] < 1.5 and 1 / 1.5 < m[1]
+    assert m[0] == 0.5 and 1 / 1.5 < m[1] < 1 < m[2] < 1.5
     assert np.abs(drop[1]).max() < 0.01
-    mean_drop = drop.mean(axis=1)
-    for l in range(2, len(m)):
-        assert mean_drop[l] < 0.5 * mean_model_bias_bound(small.config.learning_rates[l], small.config.d)
+    mean_drop, error = _seed_mean_and_error(drop)
+    assert (mean_drop[2:] + 3 * error[2:] < 0).all()
     assert (np.diff(mean_drop[1:]) < 0).all()
-    # the mean model, from b = 0, shows the same transition without the signal's share
+    # the mean model, from b = 0, shows the same transition without the signal's share: no drop below eta*, and
+    # above it a final bias below its stability bound (within the 0.02 of one overshooting step; measured 0.003)
     mean_model = small.final_mean_model_bias.mean(axis=1)
-    assert np.abs(mean_model[m < 1]).max() < 0.01 and (mean_model[m > 1] < -0.05).all()
+    bounds = np.array([mean_model_bias_bound(lr, small.config.d) for lr in small.config.learning_rates])
+    assert np.abs(mean_model[m < 1]).max() < 0.01
+    assert ((mean_model <= bounds) & (mean_model > bounds - 0.02))[m > 1].all()
 
 
 def test_test_accuracy_rises_above_zero_bias_baseline(small):
@@ -160,8 +163,9 @@ def test_test_accuracy_rises_above_zero_bias_baseline(small):
 
 def test_sharpness_reaches_two_over_eta_only_above_eta_star(small):
     """The edge of stability: below eta* the largest recorded sharpness stays below 2 / eta (measured at most
-    0.82 of it at 0.8 eta*); above, it reaches 2 / eta on every seed (measured 0.99-2.2 times it, the records being
-    a sample of the oscillation: 0.95 allowed)."""
+    0.82 of it at 0.8 eta*); above, it reaches 2 / eta on every seed. The records sample an oscillation about
+    2 / eta whose recorded maxima scatter by about 1% (measured 0.993-1.009 times it at 1.25 eta*, up to 2.2 where
+    the rate exceeds 2 / sharpness at init): 0.95 allowed."""
     config = small.config
     lrs = config.learning_rates[:, None]
     peak = small.sharpness.max(axis=0) * lrs / 2
@@ -201,6 +205,7 @@ def test_figure1_is_the_papers_axis():
     (dict(lr_multipliers=()), "lr_multipliers"), (dict(lr_multipliers=(0.0,)), "lr_multipliers"),
     (dict(d=0), "d"), (dict(n=0), "n"), (dict(seeds=0), "seeds"), (dict(time=-1.0), "time"),
     (dict(lam=-1.0), "lam"), (dict(init_std=math.nan), "init_std"), (dict(records=1), "records"),
+    (dict(lr_multipliers=(1e-300,)), "lr_multipliers"), (dict(lr_multipliers=(1.0,), time=1e8), "lr_multipliers"),
 ])
 def test_bad_config_names_the_field(change, name):
     with pytest.raises(ValueError, match=name):

@@ -1,10 +1,13 @@
 // The shared-bias network of shared_bias.hpp. With one bias and one weight per sign, a sample enters the network
 // only through four numbers at the current bias, S+ = sum_i (x_i + b)_+, S- = sum_i (b - x_i)_+ and the counts
-// N+, N- of the active units. With each sample's coordinates sorted once, and the prefix sums of the sorted
+// N+, N- of the active units. With each sample's coordinates sorted once, and the partial sums of the sorted
 // values kept, those are a count and a partial sum: S+ = (sum of x_i > -b) + b N+, S- = b N- - (sum of x_i < b).
-// A step then costs O(n) (each sample's cursors move by the few coordinates the bias crossed) instead of the
-// O(n d) of summing the units, the same values up to rounding. The partial sums are accumulated from the nearer
-// end (above -b from the top, below b from the bottom), so no sum is a difference of two large ones.
+// A step then costs O(n) (each sample's cursors move by the few coordinates the bias crossed; the first step of a
+// call walks them in O(n d)) instead of the O(n d) of summing the units. Each call sorts the data sets it uses,
+// O(D n d log d), and keeps three arrays of X's size. The values are the direct sums' up to rounding: the partial
+// sums are accumulated from the nearer end (above -b from the top, below b from the bottom), but S+ = sum + b N+
+// cancels when |b| is large against the spread of the active x_i, with an error of order
+// eps (|sum| + |b| N+), a few ulps of S+ for data of order one.
 //
 // Members are independent: each runs its whole schedule as one task (train.cpp explains why), its sums taken in
 // sample order, so its values do not depend on the thread count or on the rest of the ensemble.
@@ -63,8 +66,9 @@ class Member {
       while (q > 0 && row[q - 1] >= b) --q;
       while (q < d && row[q] < b) ++q;
       const double n_plus = double(d - p), n_minus = double(q);
-      const double s_plus = data_.above[k * (d + 1) + p] + b * n_plus;
-      const double s_minus = b * n_minus - data_.below[k * (d + 1) + q];
+      // no active unit: exactly 0, also when b is infinite (b * 0 would be NaN)
+      const double s_plus = p < d ? data_.above[k * (d + 1) + p] + b * n_plus : 0.0;
+      const double s_minus = q > 0 ? b * n_minus - data_.below[k * (d + 1) + q] : 0.0;
       const double f = a_plus * s_plus + a_minus * s_minus, y = y_[k], margin = y * f;
       // sigma(-margin) without overflow; the loss log(1 + exp(-margin)) likewise
       const double e = std::exp(-std::abs(margin));

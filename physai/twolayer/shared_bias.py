@@ -48,20 +48,33 @@ def _data(X, y):
     return X, y
 
 
-def _members(a_plus, a_minus, b, dataset, D: int):
+def _integers(x, name: str) -> np.ndarray:
+    array = np.asarray(x)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integers, got dtype {array.dtype}")
+    return as_array(array, name, np.int64)
+
+
+def _parameters(a_plus, a_minus, b, finite: bool = True):
     a_plus = as_array(a_plus, "a_plus", np.float64)
     check_array(a_plus, "a_plus", ndim=1)
     E = a_plus.shape[0]
     a_minus = check_array(as_array(a_minus, "a_minus", np.float64), "a_minus", shape=(E,))
     b = check_array(as_array(b, "b", np.float64), "b", shape=(E,))
     for name, value in (("a_plus", a_plus), ("a_minus", a_minus), ("b", b)):
-        if not np.isfinite(value).all():
+        if finite and not np.isfinite(value).all():
             raise ValueError(f"{name}: expected finite values")
+    return a_plus, a_minus, b
+
+
+def _members(a_plus, a_minus, b, dataset, D: int):
+    a_plus, a_minus, b = _parameters(a_plus, a_minus, b)
+    E = a_plus.shape[0]
     if dataset is None:
         if D != 1:
             raise ValueError(f"dataset: required with D = {D} data sets (which one each member trains on)")
         dataset = np.zeros(E, np.int64)
-    dataset = check_array(as_array(dataset, "dataset", np.int64), "dataset", shape=(E,))
+    dataset = check_array(_integers(dataset, "dataset"), "dataset", shape=(E,))
     if E and (dataset.min() < 0 or dataset.max() >= D):
         raise ValueError(f"dataset: expected indices in [0, {D}), got {dataset.min()}..{dataset.max()}")
     # copies: the kernel updates the parameters in place
@@ -69,10 +82,12 @@ def _members(a_plus, a_minus, b, dataset, D: int):
 
 
 def output(X, a_plus, a_minus, b) -> np.ndarray:
-    """f(x) of every member on every sample: X [n, d], parameters [E] -> [E, n] (float64), by direct sums (numpy)."""
+    """f(x) of every member on every sample: X [n, d], parameters a_plus, a_minus, b [E] -> [E, n] (float64), by
+    direct sums (numpy; non-finite parameters give non-finite outputs). Raises ValueError/TypeError naming a
+    mis-shaped or non-real argument."""
     X = as_array(X, "X", np.float64)
     check_array(X, "X", ndim=2)
-    a_plus, a_minus, b, _ = _members(a_plus, a_minus, b, None, 1)
+    a_plus, a_minus, b = _parameters(a_plus, a_minus, b, finite=False)
     from physai.twolayer.reference import shared_bias_output
 
     return shared_bias_output(X[None], a_plus, a_minus, b)
@@ -80,7 +95,7 @@ def output(X, a_plus, a_minus, b) -> np.ndarray:
 
 def loss_grad_hessian(X, y, a_plus, a_minus, b, dataset=None):
     """The mean logistic loss [E], its gradient [E, 3] and its Hessian [E, 3, 3] in (a+, a-, b) of every member on
-    its data set, float64. The Hessian is that of the network almost everywhere: f is linear in (a+, a-) and
+    its data set, float64: X [n, d] or [D, n, d], y [n] or [D, n] (labels -1/+1), a_plus, a_minus, b [E] (finite). The Hessian is that of the network almost everywhere: f is linear in (a+, a-) and
     piecewise linear in b (d2f/db2 = 0; d2f/da+-db = N+-, the active units of each sign). ``dataset`` [E] (int) picks
     each member's data set; it may be omitted when D = 1. Raises ValueError/TypeError naming a bad argument (labels
     other than -1/+1, non-finite X, mismatched shapes)."""
@@ -125,7 +140,9 @@ class SharedBiasRun:
 def train(X, y, a_plus, a_minus, b, lr, steps, record_steps=None, dataset=None) -> SharedBiasRun:
     """Full-batch gradient descent, all members in one native call: member e takes ``steps[e]`` steps of size
     ``lr[e]`` (each member its own horizon, e.g. ceil(time / lr) for the same total time), from (a_plus[e],
-    a_minus[e], b[e]) on data set ``dataset[e]``. The inputs are not modified.
+    a_minus[e], b[e]) on data set ``dataset[e]``. X [n, d] or [D, n, d], y [n] or [D, n] (labels -1/+1); a_plus,
+    a_minus, b, lr [E] (float), steps and dataset [E] (int). The inputs are not modified; the native call cannot be
+    interrupted, so choose steps that finish (about 10 us a step at n = 300 on one core).
 
     ``record_steps`` [K, E] (int, default [[0]*E, steps]): the steps before which each member's loss, parameters and
     Hessian are recorded, each in [0, steps[e]] (steps[e] records the final state). Members run in parallel, one
@@ -138,18 +155,12 @@ def train(X, y, a_plus, a_minus, b, lr, steps, record_steps=None, dataset=None) 
     lr = check_array(as_array(lr, "lr", np.float64), "lr", shape=(E,))
     if not (np.isfinite(lr).all() and (lr > 0).all()):
         raise ValueError("lr: expected finite positive learning rates")
-    steps_array = np.asarray(steps)
-    if steps_array.dtype.kind not in "iu":
-        raise TypeError(f"steps: expected integers, got dtype {steps_array.dtype}")
-    steps = check_array(as_array(steps_array, "steps", np.int64), "steps", shape=(E,))
+    steps = check_array(_integers(steps, "steps"), "steps", shape=(E,))
     if (steps < 0).any():
         raise ValueError("steps: expected counts >= 0")
     if record_steps is None:
         record_steps = np.stack([np.zeros(E, np.int64), steps])
-    record_array = np.asarray(record_steps)
-    if record_array.dtype.kind not in "iu":
-        raise TypeError(f"record_steps: expected integers, got dtype {record_array.dtype}")
-    record_steps = check_array(as_array(record_array, "record_steps", np.int64), "record_steps", shape=(None, E))
+    record_steps = check_array(_integers(record_steps, "record_steps"), "record_steps", shape=(None, E))
     if ((record_steps < 0) | (record_steps > steps)).any():
         raise ValueError("record_steps: expected every step in [0, steps] of its member")
     loss, params, hessian = _core.twolayer.shared_bias_train(X, y, a_plus, a_minus, b, dataset, lr, steps,
