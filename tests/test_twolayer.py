@@ -425,6 +425,8 @@ def test_native_layer_accepts_pickled_arrays():
     (lambda net, X, Y: net.loss_and_grad(X, np.zeros(5)), ValueError, r"Y: expected shape \(5, 2\)"),
     (lambda net, X, Y: net.forward([[0.0, 1.0], [2.0]]), TypeError, "X: expected an array of real numbers"),
     (lambda net, X, Y: net.loss_and_grad(X, Y, loss="hinge"), ValueError, "loss"),
+    (lambda net, X, Y: net.loss_and_grad(X, Y, loss="logistic"), ValueError, "Y: the logistic loss takes labels -1"),
+    (lambda net, X, Y: net.train(X, np.ones((5, 2)) * 0.5, 0.1, 3, loss="logistic"), ValueError, "Y: the logistic"),
     (lambda net, X, Y: net.train(X, Y, float("nan"), steps=3), ValueError, "lr"),
     (lambda net, X, Y: net.train(X, Y, [0.1, 0.2], steps=3), ValueError, "lr"),
     (lambda net, X, Y: net.train(X, Y, 0.1, steps=-1), ValueError, "steps"),

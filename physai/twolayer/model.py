@@ -219,7 +219,11 @@ class TwoLayer:
         X = self._check_X(X)
         Y = as_array(Y, "Y", self.dtype)
         Y = self._check_data(Y[:, None] if Y.ndim == 1 else Y, "Y", X.shape[-2], self.k)
-        return X, Y, loss_code(loss)
+        code = loss_code(loss)
+        # 0/1 labels would run silently as a different loss: the logistic loss is log(1 + exp(-y f)), y = +-1
+        if loss == "logistic" and not ((Y == 1) | (Y == -1)).all():
+            raise ValueError("Y: the logistic loss takes labels -1 or +1 (map 0/1 labels with 2 Y - 1)")
+        return X, Y, code
 
     # -- kernels ------------------------------------------------------------------------------------------------
     def forward(self, X: np.ndarray) -> np.ndarray:
