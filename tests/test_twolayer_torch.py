@@ -2,8 +2,11 @@
 identical gradients to a plain torch MLP, native double backward for HVPs."""
 import numpy as np
 import pytest
-from conftest import GRID, assert_close, copy_params, make_problem
+from conftest import TRUTH_DTYPE, GRID, assert_as_accurate_as_reference, assert_close, copy_params, make_problem
 
+import physai
+from physai import _core
+from physai.twolayer import ACTIVATIONS
 from physai.twolayer import reference as R
 
 torch = pytest.importorskip("torch")
@@ -277,3 +280,210 @@ def test_fused_loss_forward_over_reverse_is_the_native_hvp():
     want = jvp(grad(plain, argnums=(0, 1, 2)), (W, b, a), tangents)[1]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-12)
+
+
+# --- the forward that saves the hidden layer, and the backward from it (the drop-in's training path) ---------------
+
+def saved_problem(activation, dtype, E, n, m, shared_x=True, bias=True, k=3, d=5, seed=0):
+    """Parameters (as TwoLayer's reference Params), X, and output gradients G [E, n, k] of the given shapes."""
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((E, m, d)) / np.sqrt(d)).astype(dtype)
+    b = (0.3 * rng.standard_normal((E, m))).astype(dtype) if bias else None
+    a = (rng.standard_normal((E, k, m)) / np.sqrt(m)).astype(dtype)
+    X = rng.standard_normal((n, d) if shared_x else (E, n, d)).astype(dtype)
+    G = rng.standard_normal((E, n, k)).astype(dtype)
+    return R.Params(W, b, a, 0.7, 1.3, activation), X, G
+
+
+def native_saving(p, X):
+    """forward_saving into freshly allocated outputs: (F, S, D1)."""
+    E, m, k, n = p.W.shape[0], p.W.shape[1], p.a.shape[1], X.shape[-2]
+    config = _core.twolayer.Config(p.input_scale, p.output_scale, getattr(_core.twolayer.Activation, p.activation))
+    F, S = np.empty((E, n, k), p.W.dtype), np.empty((E, n, m), p.W.dtype)
+    D1 = None if p.activation in R.SLOPE_FROM_VALUE else np.empty((E, n, m), p.W.dtype)
+    _core.twolayer.forward_saving(X, p.W, p.b, p.a, config, F, S, D1)
+    return F, S, D1
+
+
+def native_saved_backward(p, X, G, S, D1, want_dX):
+    """backward_saved into freshly allocated outputs: (dW, db, da, dX), None where not asked for."""
+    E, n, d = p.W.shape[0], X.shape[-2], p.W.shape[2]
+    config = _core.twolayer.Config(p.input_scale, p.output_scale, getattr(_core.twolayer.Activation, p.activation))
+    dW, da = np.empty_like(p.W), np.empty_like(p.a)
+    db = None if p.b is None else np.empty_like(p.b)
+    dX = np.empty((E, n, d), p.W.dtype) if want_dX else None
+    _core.twolayer.backward_saved(X, G, p.W, p.b, p.a, S, D1, config, dW, db, da, dX)
+    return dW, db, da, dX
+
+
+# (E, n, m, shared X): one tile and one column block; several row tiles with a short last one, several column blocks
+# with a narrow last one; an ensemble of per-member inputs; an empty batch
+SAVED_SHAPES = [(1, 40, 24, True), (1, 700, 200, True), (3, 300, 70, False), (2, 0, 9, True)]
+
+
+@pytest.mark.parametrize("want_dX", [False, True], ids=["no-dX", "dX"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("shape", SAVED_SHAPES, ids=lambda s: "E{}-n{}-m{}-{}".format(*s[:3], "shared" if s[3] else "own"))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_saved_forward_and_backward_match_the_twin(activation, dtype, shape, bias, want_dX):
+    E, n, m, shared = shape
+    p, X, G = saved_problem(activation, dtype, E, n, m, shared, bias)
+    pt = p._replace(W=p.W.astype(TRUTH_DTYPE), b=None if p.b is None else p.b.astype(TRUTH_DTYPE),
+                    a=p.a.astype(TRUTH_DTYPE))
+    Xt, Gt = X.astype(TRUTH_DTYPE), G.astype(TRUTH_DTYPE)
+    F, S, D1 = native_saving(p, X)
+    twin, truth = R.forward_saving(p, X), R.forward_saving(pt, Xt)
+    assert (D1 is None) == (activation in R.SLOPE_FROM_VALUE) == (twin[2] is None)
+    assert_as_accurate_as_reference((F, S, D1), twin, truth, dtype, f"{activation} forward_saving")
+    grads = native_saved_backward(p, X, G, S, D1, want_dX)
+    twin_grads = R.backward_saved(p, X, G, *twin[1:])
+    true_grads = R.backward_saved(pt, Xt, Gt, *truth[1:])
+    if not want_dX:
+        twin_grads, true_grads = twin_grads[:3] + (None,), true_grads[:3] + (None,)
+    assert_as_accurate_as_reference(grads, twin_grads, true_grads, dtype, f"{activation} backward_saved")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_saved_backward_twin_matches_torch_autograd(activation):
+    p, X, G = saved_problem(activation, np.float64, 2, 30, 11, shared_x=False)
+    F, S, D1 = R.forward_saving(p, X)
+    dW, db, da, dX = R.backward_saved(p, X, G, S, D1)
+    params = [torch.tensor(x, requires_grad=True) for x in (X, p.W, p.b, p.a)]
+    out = torch_reference(*params, activation=activation, input_scale=p.input_scale, output_scale=p.output_scale)
+    expected = torch.autograd.grad(out, params, torch.tensor(G))
+    assert_close(F, out.detach().numpy(), what=f"{activation} F")
+    assert_close((dX, dW, db, da), tuple(g.numpy() for g in expected), what=f"{activation} gradients")
+
+
+@pytest.mark.parametrize("want_dX", [False, True], ids=["no-dX", "dX"])
+@pytest.mark.parametrize("shape", [(1, 700, 200, True), (3, 300, 70, False)], ids=["lone", "ensemble"])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_saved_kernels_do_not_depend_on_thread_count(activation, shape, want_dX):
+    p, X, G = saved_problem(activation, np.float32, *shape)
+    results = []
+    for threads in (1, 2, 3):
+        with physai.num_threads(threads):
+            F, S, D1 = native_saving(p, X)
+            results.append([x for x in (F, S, D1, *native_saved_backward(p, X, G, S, D1, want_dX)) if x is not None])
+    for threads, other in zip((2, 3), results[1:]):
+        for i, (x, y) in enumerate(zip(results[0], other)):
+            np.testing.assert_array_equal(x, y, err_msg=f"result {i}, 1 vs {threads} threads")
+
+
+def test_saved_kernels_refuse_bad_arguments():
+    p, X, G = saved_problem("relu", np.float32, 1, 10, 6)
+    F, S, _ = native_saving(p, X)
+    config = _core.twolayer.Config(1.0, 1.0, _core.twolayer.Activation.relu)
+    with pytest.raises(ValueError, match="D1: expected None"):
+        _core.twolayer.forward_saving(X, p.W, p.b, p.a, config, F, S, np.empty_like(S))
+    gelu = _core.twolayer.Config(1.0, 1.0, _core.twolayer.Activation.gelu)
+    with pytest.raises(ValueError, match="D1: expected an array"):
+        _core.twolayer.forward_saving(X, p.W, p.b, p.a, gelu, F, S, None)
+    with pytest.raises(ValueError, match="S: expected extent 6"):
+        _core.twolayer.forward_saving(X, p.W, p.b, p.a, config, F, S[:, :, :5].copy(), None)
+    with pytest.raises(TypeError, match="F: expected dtype float32"):
+        _core.twolayer.forward_saving(X, p.W, p.b, p.a, config, F.astype(np.float64), S, None)
+    read_only = F.copy()
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="F: expected a writeable array"):
+        _core.twolayer.forward_saving(X, p.W, p.b, p.a, config, read_only, S, None)
+    dW, db, da, _ = native_saved_backward(p, X, G, S, None, False)
+    with pytest.raises(ValueError, match="db: expected an array exactly when b is given"):
+        _core.twolayer.backward_saved(X, G, p.W, p.b, p.a, S, None, config, dW, None, da, None)
+    with pytest.raises(ValueError, match="G: expected extent 10"):
+        _core.twolayer.backward_saved(X, G[:, :4], p.W, p.b, p.a, S, None, config, dW, db, da, None)
+    with pytest.raises(ValueError, match="dX: expected extent"):
+        _core.twolayer.backward_saved(X, G, p.W, p.b, p.a, S, None, config, dW, db, da, np.empty((1, 10, 4), np.float32))
+
+
+def saving_grad_fn(out) -> bool:
+    return type(out.grad_fn).__name__ == "_SavingTwoLayerFunctionBackward"
+
+
+def test_a_training_step_takes_the_saving_path_and_nothing_else_does():
+    module = TwoLayerModule(4, 8, 2, "tanh")
+    X = torch.randn(6, 4)
+    assert saving_grad_fn(module(X))
+    with torch.no_grad():
+        assert module(X).grad_fn is None
+    frozen = TwoLayerModule(4, 8, 2, "tanh").requires_grad_(False)
+    assert frozen(X).grad_fn is None
+    assert saving_grad_fn(frozen(X.requires_grad_()))  # the input's gradient alone is a training step too
+    assert not saving_grad_fn(torch.func.vmap(module)(torch.randn(3, 6, 4)))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(X.detach(), torch.randn(6, 4))
+        assert not saving_grad_fn(module(dual))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("x_shape", [(40, 5), (2, 3, 5), (5,)], ids=["rows", "leading-dims", "one-sample"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("activation", ["relu", "softplus"])
+def test_saving_path_gradients_equal_torch_autograd(activation, bias, x_shape, dtype):
+    torch.manual_seed(4)
+    module = TwoLayerModule(5, 12, 3, activation, bias=bias, dtype=dtype)
+    X = torch.randn(*x_shape, dtype=dtype).requires_grad_()
+    out = module(X)
+    assert saving_grad_fn(out) and out.shape == (*x_shape[:-1], 3)
+    weights = torch.randn(out.shape, dtype=dtype)
+    (out * weights).sum().backward()
+    params = [p.detach().clone().requires_grad_() for p in (module.W, module.b, module.a) if p is not None]
+    X2 = X.detach().clone().requires_grad_()
+    W, a = params[0], params[-1]
+    # (torch_reference broadcasts the bias of a one-sample input to one row: compare in the module's shape)
+    reference = torch_reference(X2, W, params[1] if bias else None, a, activation=activation).reshape(out.shape)
+    (reference * weights).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(out.detach(), reference.detach(), **tol)
+    torch.testing.assert_close(X.grad, X2.grad, **tol)
+    for got, want in zip([p for p in (module.W, module.b, module.a) if p is not None], params):
+        torch.testing.assert_close(got.grad, want.grad, **tol)
+
+
+@pytest.mark.parametrize("per_member_x", [False, True], ids=["shared-X", "per-member-X"])
+def test_saving_path_for_an_ensemble_module(per_member_x):
+    torch.manual_seed(5)
+    module = TwoLayerModule(4, 9, 2, "gelu", param="ntk", ensemble=3, dtype=torch.float64)
+    X = torch.randn(*((3,) if per_member_x else ()), 20, 4, dtype=torch.float64, requires_grad=True)
+    out = module(X)
+    assert saving_grad_fn(out) and out.shape == (3, 20, 2)
+    out.square().sum().backward()
+    params = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    X2 = X.detach().clone().requires_grad_()
+    s = module.scaling
+    torch_reference(X2, *params, activation="gelu", input_scale=s.input_scale,
+                    output_scale=s.output_scale).square().sum().backward()
+    for got, want in zip([X, *module.parameters()], [X2, *params]):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-13)
+
+
+def test_saving_path_keeps_autograd_contracts():
+    torch.manual_seed(6)
+    module = TwoLayerModule(3, 7, 2, "relu", dtype=torch.float64)
+    X = torch.randn(10, 3, dtype=torch.float64)
+    # retain_graph: a second backward through the same saved tensors gives the same gradients
+    loss = module(X).square().sum()
+    loss.backward(retain_graph=True)
+    first = module.W.grad.clone()
+    module.W.grad = None
+    loss.backward()
+    torch.testing.assert_close(module.W.grad, first, rtol=0, atol=0)
+    # a parameter changed in place between forward and backward is refused, as torch's own layers do
+    out = module(X)
+    with torch.no_grad():
+        module.W.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    # create_graph: the backward is differentiable (double backward equals the torch-op network's)
+    params = list(module.parameters())
+    grads = torch.autograd.grad(module(X).square().sum(), params, create_graph=True)
+    hv = torch.autograd.grad(sum((g * g).sum() for g in grads), params)
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    ref_grads = torch.autograd.grad(torch_reference(X, *ref_params).square().sum(), ref_params, create_graph=True)
+    ref_hv = torch.autograd.grad(sum((g * g).sum() for g in ref_grads), ref_params)
+    for x, y in zip(hv, ref_hv):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    # a non-contiguous input
+    wide = torch.randn(3, 10, dtype=torch.float64)
+    torch.testing.assert_close(module(wide.t()), torch_reference(wide.t(), *params).detach(), rtol=1e-12, atol=1e-12)

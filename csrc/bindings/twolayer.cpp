@@ -62,6 +62,14 @@ tl::Targets<T> make_targets(const tl::Net<T>& net, const py::array& Y, tl::Loss 
   return targets;
 }
 
+// D1 is saved exactly when sigma' cannot be read off S.
+template <class T>
+void check_saved_slope(const tl::Net<T>& net, bool has_D1) {
+  if (has_D1 == tl::slope_from_value(net.activation))
+    physai::fail_value("D1: expected ", has_D1 ? "None" : "an array", " for this activation (slope_from_value is ",
+                       has_D1 ? "True" : "False", ")");
+}
+
 // An optional output of the shape given (None when absent) and its data pointer.
 template <class T>
 std::pair<py::object, T*> optional_output(bool present, std::initializer_list<py::ssize_t> shape) {
@@ -117,6 +125,43 @@ py::tuple backward(const py::array& X, const py::array& G, const py::array& W, c
       tl::backward(net, g, dW_data, db_data, da_data, dX_data);
     }
     return py::make_tuple(dW, db, da, dX);
+  });
+}
+
+// The forward of a training step into F [E, n, k], S [E, n, m] and D1 [E, n, m] (None where slope_from_value), arrays
+// the caller allocated (torch tensors' memory, written in place).
+void forward_saving(const py::array& X, const py::array& W, const std::optional<py::array>& b, const py::array& a,
+                    const Config& config, py::array F, py::array S, std::optional<py::array> D1) {
+  dispatch_float(W, "W", [&](auto zero) {
+    using T = decltype(zero);
+    const auto net = make_net<T>(X, W, b, a, config);
+    T* f = checked_mutable_data<T>(F, "F", {net.E, net.n, net.k});
+    T* s = checked_mutable_data<T>(S, "S", {net.E, net.n, net.m});
+    T* d1 = D1 ? checked_mutable_data<T>(*D1, "D1", {net.E, net.n, net.m}) : nullptr;
+    check_saved_slope(net, d1 != nullptr);
+    py::gil_scoped_release release;
+    tl::forward_saving(net, f, s, d1);
+  });
+}
+
+// backward's gradients from forward_saving's S and D1, into arrays the caller allocated (dW, da, and db, dX or None).
+void backward_saved(const py::array& X, const py::array& G, const py::array& W, const std::optional<py::array>& b,
+                    const py::array& a, const py::array& S, const std::optional<py::array>& D1, const Config& config,
+                    py::array dW, std::optional<py::array> db, py::array da, std::optional<py::array> dX) {
+  dispatch_float(W, "W", [&](auto zero) {
+    using T = decltype(zero);
+    const auto net = make_net<T>(X, W, b, a, config);
+    const T* g = checked_data<T>(G, "G", {net.E, net.n, net.k});
+    const T* s = checked_data<T>(S, "S", {net.E, net.n, net.m});
+    const T* d1 = D1 ? checked_data<T>(*D1, "D1", {net.E, net.n, net.m}) : nullptr;
+    check_saved_slope(net, d1 != nullptr);
+    if (db.has_value() != (net.b != nullptr)) physai::fail_value("db: expected an array exactly when b is given");
+    T* dW_data = checked_mutable_data<T>(dW, "dW", {net.E, net.m, net.d});
+    T* db_data = db ? checked_mutable_data<T>(*db, "db", {net.E, net.m}) : nullptr;
+    T* da_data = checked_mutable_data<T>(da, "da", {net.E, net.k, net.m});
+    T* dX_data = dX ? checked_mutable_data<T>(*dX, "dX", {net.E, net.n, net.d}) : nullptr;
+    py::gil_scoped_release release;
+    tl::backward_saved(net, g, s, d1, dW_data, db_data, da_data, dX_data);
   });
 }
 
@@ -284,6 +329,16 @@ void bind_twolayer(py::module_& m) {
         "Outputs F [E, n, k].");
   m.def("backward", &backward, py::arg("X"), py::arg("G"), py::arg("W"), py::arg("b"), py::arg("a"),
         py::arg("config"), py::arg("want_dX"), "Gradients (dW, db, da, dX) of sum(F * G).");
+  m.def("forward_saving", &forward_saving, py::arg("X"), py::arg("W"), py::arg("b"), py::arg("a"), py::arg("config"),
+        py::arg("F"), py::arg("S"), py::arg("D1"),
+        "Outputs F [E, n, k] and the hidden layer S = sigma(Z) and D1 = sigma'(Z) [E, n, m] for backward_saved, "
+        "written into the arrays given; D1 None where slope_from_value(activation).");
+  m.def("backward_saved", &backward_saved, py::arg("X"), py::arg("G"), py::arg("W"), py::arg("b"), py::arg("a"),
+        py::arg("S"), py::arg("D1"), py::arg("config"), py::arg("dW"), py::arg("db"), py::arg("da"), py::arg("dX"),
+        "Gradients of sum(F * G) from forward_saving's S and D1, written into dW, db, da and dX (db and dX may be "
+        "None).");
+  m.def("slope_from_value", &tl::slope_from_value, py::arg("activation"),
+        "Whether sigma' is read off sigma's value (so forward_saving keeps no D1).");
   m.def("loss_and_grad", &loss_and_grad, py::arg("X"), py::arg("Y"), py::arg("W"), py::arg("b"), py::arg("a"),
         py::arg("config"), py::arg("loss"), "(loss [E], dW, db, da).");
   m.def("hessian_operator", &hessian_operator, py::arg("X"), py::arg("Y"), py::arg("W"), py::arg("b"), py::arg("a"),

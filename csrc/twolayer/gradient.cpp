@@ -139,6 +139,103 @@ T blocked_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, T* dW, T* db, 
   return total;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The forward that saves the hidden layer, and the backward from it
+// ---------------------------------------------------------------------------------------------------------------
+// The forward cuts a member's rows into tiles, which are independent; the backward cuts its hidden units into column
+// blocks, each of which runs over all the rows in order (its dW, db and da are sums over rows that one thread
+// computes). Neither needs a reduction across threads, and both cuts follow the shapes alone.
+
+namespace {
+
+// Rows per forward tile: S of a tile (written in place of Z) in L2, in tiles tall enough (128 rows at least) that
+// one BLAS call per tile amortises the packing of W, and short enough (256 rows at most) that a batch of a
+// thousand rows makes several tiles for the threads.
+template <class T>
+int64_t saving_tile_rows(int64_t n, int64_t m) {
+  const int64_t fit = (int64_t(1) << 20) / (std::max<int64_t>(m, 1) * int64_t(sizeof(T)));
+  return std::max<int64_t>(1, std::min(n, std::clamp<int64_t>(fit, 128, 256)));
+}
+
+// Hidden units per backward column block: at most 8 blocks (each block's weight-gradient GEMM reads all of X once),
+// each at least 64 wide (a narrower one makes that GEMM thin).
+inline int64_t saved_block_cols(int64_t m) { return std::max<int64_t>(64, ((m + 7) / 8 + 15) / 16 * 16); }
+
+// Rows per step of a column block: the step's dZ in L2 between the elementwise pass and the GEMM that reads it.
+template <class T>
+int64_t saved_step_rows(int64_t n, int64_t cols) {
+  return std::max<int64_t>(1, std::min(n, std::max<int64_t>((int64_t(1) << 19) / (cols * int64_t(sizeof(T))), 256)));
+}
+
+// Outputs up to which the output layer runs output_layer_rows (rows.hpp) rather than BLAS: that kernel streams a once
+// per 4 rows, which only stays in cache for few outputs.
+constexpr int64_t kLoopOutputs = 32;
+
+template <class T>
+void member_forward_saving(const Net<T>& net, int64_t e, T* F, T* S, T* D1, bool parallel) {
+  const int64_t n = net.n, m = net.m, d = net.d, k = net.k, tile = saving_tile_rows<T>(n, m);
+  const auto zeros = Scratch<T>(net.b ? 0 : m);
+  if (!net.b) std::fill(zeros.get(), zeros.get() + m, T(0));
+  const T* b = net.b ? net.b_of(e) : zeros.get();
+  over_rows((n + tile - 1) / tile, parallel, [&](int64_t t) {
+    const int64_t r0 = t * tile, rows = std::min(tile, n - r0);
+    T* S_t = S + r0 * m;
+    gemm::block_gemm(Trans::No, Trans::Yes, rows, m, d, net.input_scale, net.X_of(e) + r0 * d, d, net.W_of(e), d,
+                     T(0), S_t, m);
+    activate_rows(net.activation, rows, m, S_t, b, D1 ? D1 + r0 * m : nullptr, static_cast<T*>(nullptr));
+    if (k <= kLoopOutputs)
+      output_layer_rows(rows, m, k, net.output_scale, S_t, net.a_of(e), F + r0 * k);
+    else
+      gemm::block_gemm(Trans::No, Trans::Yes, rows, k, m, net.output_scale, S_t, m, net.a_of(e), m, T(0),
+                       F + r0 * k, k);
+  });
+}
+
+// G, S, D1 and the outputs are member e's. With dX, every block writes its dZ into one [n, m] buffer, which a last
+// GEMM (over row tiles) turns into dX; without, a block's dZ lives for one step.
+template <class T>
+void member_backward_saved(const Net<T>& net, int64_t e, const T* G, const T* S, const T* D1, T* dW, T* db, T* da,
+                           T* dX, bool parallel) {
+  const int64_t n = net.n, m = net.m, d = net.d, k = net.k;
+  const int64_t cols = saved_block_cols(m), step = saved_step_rows<T>(n, cols);
+  const T *X = net.X_of(e), *a = net.a_of(e);
+  const auto dZ_all = Scratch<T>(dX ? n * m : 0);
+  over_rows((m + cols - 1) / cols, parallel, [&](int64_t block) {
+    const int64_t q0 = block * cols, c = std::min(cols, m - q0), ldz = dX ? m : c;
+    const auto dZ_step = Scratch<T>(dX ? 0 : step * c);
+    for (int64_t r0 = 0; r0 < n; r0 += step) {
+      const int64_t rows = std::min(step, n - r0);
+      const T beta = r0 == 0 ? T(0) : T(1);
+      T* dZ = dX ? dZ_all.get() + r0 * m + q0 : dZ_step.get();
+      backprop_saved_rows(net.activation, rows, c, k, net.output_scale, G + r0 * k, a + q0, m, S + r0 * m + q0,
+                          D1 ? D1 + r0 * m + q0 : nullptr, m, dZ, ldz);
+      gemm::block_gemm(Trans::Yes, Trans::No, k, c, rows, net.output_scale, G + r0 * k, k, S + r0 * m + q0, m, beta,
+                       da + q0, m);
+      gemm::block_gemm(Trans::Yes, Trans::No, c, d, rows, net.input_scale, dZ, ldz, X + r0 * d, d, beta,
+                       dW + q0 * d, d);
+      if (db) {
+        if (r0 == 0) std::fill(db + q0, db + q0 + c, T(0));
+        add_column_sums(dZ, rows, c, db + q0, ldz);
+      }
+    }
+  });
+  if (dX) {
+    const int64_t tile = saving_tile_rows<T>(n, m);
+    over_rows((n + tile - 1) / tile, parallel, [&](int64_t t) {
+      const int64_t r0 = t * tile, rows = std::min(tile, n - r0);
+      gemm::block_gemm(Trans::No, Trans::No, rows, d, m, net.input_scale, dZ_all.get() + r0 * m, m, net.W_of(e), d,
+                       T(0), dX + r0 * d, d);
+    });
+  }
+  if (n == 0) {  // no step ran: the gradients of an empty sum
+    std::fill(dW, dW + m * d, T(0));
+    if (db) std::fill(db, db + m, T(0));
+    std::fill(da, da + k * m, T(0));
+  }
+}
+
+}  // namespace
+
 #define PHYSAI_TWOLAYER_PASSES(T)                                                                              \
   template void hidden<T>(const Net<T>&, int64_t, const T*, int64_t, T*, T*, T*, bool);                        \
   template T loss_tile<T>(const Net<T>&, int64_t, Loss, const T*, const T*, int64_t, T, T*, T*, T*, bool);     \
@@ -217,11 +314,40 @@ void loss_and_grad(const Net<T>& net, const Targets<T>& targets, T* loss, T* dW,
   });
 }
 
+bool slope_from_value(Activation act) {
+  return act == Activation::Relu || act == Activation::Tanh || act == Activation::Linear;
+}
+
+template <class T>
+void forward_saving(const Net<T>& net, T* F, T* S, T* D1) {
+  validate(net);
+  PHYSAI_REQUIRE(D1 || slope_from_value(net.activation), "D1: required for activation code ",
+                 int32_t(net.activation));
+  const int64_t n = net.n, m = net.m, k = net.k;
+  over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
+    member_forward_saving(net, e, F + e * n * k, S + e * n * m, D1 ? D1 + e * n * m : nullptr, parallel);
+  });
+}
+
+template <class T>
+void backward_saved(const Net<T>& net, const T* G, const T* S, const T* D1, T* dW, T* db, T* da, T* dX) {
+  validate(net);
+  PHYSAI_REQUIRE(D1 || slope_from_value(net.activation), "D1: required for activation code ",
+                 int32_t(net.activation));
+  over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
+    const int64_t n = net.n, m = net.m, k = net.k, d = net.d;
+    member_backward_saved(net, e, G + e * n * k, S + e * n * m, D1 ? D1 + e * n * m : nullptr, dW + e * m * d,
+                          db ? db + e * m : nullptr, da + e * k * m, dX ? dX + e * n * d : nullptr, parallel);
+  });
+}
+
 #define PHYSAI_TWOLAYER_GRADIENT(T)                                                                     \
   template void validate<T>(const Net<T>&);                                                             \
   template void forward<T>(const Net<T>&, T*);                                                          \
   template void backward<T>(const Net<T>&, const T*, T*, T*, T*, T*);                                   \
-  template void loss_and_grad<T>(const Net<T>&, const Targets<T>&, T*, T*, T*, T*);
+  template void loss_and_grad<T>(const Net<T>&, const Targets<T>&, T*, T*, T*, T*);                     \
+  template void forward_saving<T>(const Net<T>&, T*, T*, T*);                                           \
+  template void backward_saved<T>(const Net<T>&, const T*, const T*, const T*, T*, T*, T*, T*);
 PHYSAI_TWOLAYER_GRADIENT(float)
 PHYSAI_TWOLAYER_GRADIENT(double)
 

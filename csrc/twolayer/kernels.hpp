@@ -7,7 +7,7 @@
 //   twolayer/schedule.hpp   how members, row blocks and GEMM blocks share the threads; views of a member's rows
 //   twolayer/rows.{hpp,cpp} elementwise row kernels, cloned for AVX-512 and AVX2/FMA
 //   twolayer/passes.hpp     tile passes shared by the files below
-//   twolayer/gradient.cpp   forward, backward, loss + gradient
+//   twolayer/gradient.cpp   forward, backward, loss + gradient; the forward that saves and backward from it
 //   twolayer/hvp.cpp        the Hessian operator (R-operator) and its eigenpairs
 //   twolayer/train.cpp      the gradient-descent loop with sharpness tracking
 //   common/gemm.{hpp,cpp}   deterministic blocked GEMM (BLAS, or plain loops for tiny dimensions)
@@ -35,6 +35,20 @@ void forward(const Net<T>& net, T* F);
 // dX (null to skip) shaped like X. With a shared X, dX [E, n, d] holds each member's part.
 template <class T>
 void backward(const Net<T>& net, const T* G, T* dW, T* db, T* da, T* dX);
+
+// The forward of a training step, keeping what its backward needs so that backward_saved need not recompute the
+// hidden layer: F [E, n, k], S = sigma(Z) [E, n, m] and D1 = sigma'(Z) [E, n, m], which is null where
+// slope_from_value(activation) (sigma' is then read off S).
+template <class T>
+void forward_saving(const Net<T>& net, T* F, T* S, T* D1);
+
+// Whether sigma' is a function of sigma's value that gives the same bits as activate() (relu: S > 0, tanh: 1 - S^2,
+// linear: 1), so that a forward_saving need not keep it.
+bool slope_from_value(Activation act);
+
+// The gradients of backward (same outputs) from what forward_saving kept: S, and D1 unless slope_from_value.
+template <class T>
+void backward_saved(const Net<T>& net, const T* G, const T* S, const T* D1, T* dW, T* db, T* da, T* dX);
 
 // Per-member mean loss [E] and its gradients, in one fused pass.
 template <class T>

@@ -17,15 +17,22 @@ namespace {
 
 template <Activation A, class T>
 PHYSAI_INLINE void activate_row(int64_t m, T* z, const T* b, T* D1, T* D2) {
-  // z, b, D1 and D2 never overlap, so the loops are safe to vectorise as written.
+  // z, b, D1 and D2 never overlap, so the loops are safe to vectorise as written. The derivatives not asked for are
+  // dead code, which the compiler drops.
   if (D2) {
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) activate(A, z[j] + b[j], z[j], D1[j], D2[j]);
-  } else {
+  } else if (D1) {
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
       T dds;
       activate(A, z[j] + b[j], z[j], D1[j], dds);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      T ds, dds;
+      activate(A, z[j] + b[j], z[j], ds, dds);
     }
   }
 }
@@ -47,12 +54,12 @@ PHYSAI_INLINE void activate_row_any(Activation act, int64_t m, T* z, const T* b,
 
 PHYSAI_VECTOR_CLONES
 void activate_rows(Activation act, int64_t rows, int64_t m, float* z, const float* b, float* D1, float* D2) {
-  for (int64_t r = 0; r < rows; ++r) activate_row_any(act, m, z + r * m, b, D1 + r * m, D2 ? D2 + r * m : nullptr);
+  for (int64_t r = 0; r < rows; ++r) activate_row_any(act, m, z + r * m, b, D1 ? D1 + r * m : nullptr, D2 ? D2 + r * m : nullptr);
 }
 
 PHYSAI_VECTOR_CLONES
 void activate_rows(Activation act, int64_t rows, int64_t m, double* z, const double* b, double* D1, double* D2) {
-  for (int64_t r = 0; r < rows; ++r) activate_row_any(act, m, z + r * m, b, D1 + r * m, D2 ? D2 + r * m : nullptr);
+  for (int64_t r = 0; r < rows; ++r) activate_row_any(act, m, z + r * m, b, D1 ? D1 + r * m : nullptr, D2 ? D2 + r * m : nullptr);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -81,6 +88,57 @@ PHYSAI_VECTOR_CLONES void output_rows(Loss loss, int64_t rows, int64_t m, int64_
                                       const double* a, const double* Y, double scale, double* F, double* G,
                                       double* row_loss) {
   output_rows_impl(loss, rows, m, k, os, S, a, Y, scale, F, G, row_loss);
+}
+
+namespace {
+
+// F[r, j] = os S_r . a_j for R rows and J outputs: R x J vector sums, each folded and finished by the columns left
+// over, in the same order for any R and J.
+template <int R, int J, class T>
+PHYSAI_INLINE void output_layer_block(int64_t m, int64_t k, T os, const T* S, const T* a, T* F) {
+  using V = typename simd::Vec<T>::type;
+  constexpr int64_t lanes = simd::Vec<T>::lanes;
+  V sum[R][J] = {};
+  int64_t q = 0;
+  for (; q + lanes <= m; q += lanes) {
+    V s[R];
+    for (int r = 0; r < R; ++r) s[r] = load<V>(S + r * m + q);
+    for (int j = 0; j < J; ++j) {
+      const V w = load<V>(a + j * m + q);
+      for (int r = 0; r < R; ++r) sum[r][j] += s[r] * w;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) {
+      T total = simd::fold(sum[r][j]);
+      for (int64_t p = q; p < m; ++p) total += S[r * m + p] * a[j * m + p];
+      F[r * k + j] = os * total;
+    }
+}
+
+template <int R, class T>
+PHYSAI_INLINE void output_layer_block_rows(int64_t m, int64_t k, T os, const T* S, const T* a, T* F) {
+  int64_t j = 0;
+  for (; j + 2 <= k; j += 2) output_layer_block<R, 2>(m, k, os, S, a + j * m, F + j);
+  if (j < k) output_layer_block<R, 1>(m, k, os, S, a + j * m, F + j);
+}
+
+template <class T>
+PHYSAI_INLINE void output_layer_rows_impl(int64_t rows, int64_t m, int64_t k, T os, const T* S, const T* a, T* F) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) output_layer_block_rows<4>(m, k, os, S + r * m, a, F + r * k);
+  for (; r < rows; ++r) output_layer_block_rows<1>(m, k, os, S + r * m, a, F + r * k);
+}
+
+}  // namespace
+
+PHYSAI_VECTOR_CLONES void output_layer_rows(int64_t rows, int64_t m, int64_t k, float os, const float* S,
+                                            const float* a, float* F) {
+  output_layer_rows_impl(rows, m, k, os, S, a, F);
+}
+PHYSAI_VECTOR_CLONES void output_layer_rows(int64_t rows, int64_t m, int64_t k, double os, const double* S,
+                                            const double* a, double* F) {
+  output_layer_rows_impl(rows, m, k, os, S, a, F);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -115,11 +173,83 @@ PHYSAI_VECTOR_CLONES void backprop_rows(int64_t rows, int64_t m, int64_t k, doub
   backprop_rows_impl(rows, m, k, os, G, a, D1, dZ, D2);
 }
 
-PHYSAI_VECTOR_CLONES void add_column_sums(const float* A, int64_t rows, int64_t m, float* out) {
-  simd::accumulate_all_columns(m, rows, 1.0f, [](int64_t) { return 1.0f; }, A, m, 1.0f, out);
+// ---------------------------------------------------------------------------------------------------------------
+// Backward from a saved forward
+// ---------------------------------------------------------------------------------------------------------------
+
+namespace {
+
+// sigma' from sigma's value s (U: a Vec or one T), the same expressions as activate() applies to its own value.
+template <Activation A, class U>
+PHYSAI_INLINE U slope_of_value(U s) {
+  const U zero = U{}, one = zero + 1;
+  if constexpr (A == Activation::Relu) return s > zero ? one : zero;
+  else if constexpr (A == Activation::Tanh) return one - s * s;
+  else return one;
 }
-PHYSAI_VECTOR_CLONES void add_column_sums(const double* A, int64_t rows, int64_t m, double* out) {
-  simd::accumulate_all_columns(m, rows, 1.0, [](int64_t) { return 1.0; }, A, m, 1.0, out);
+
+// Rows ahead of the current one whose part of S (or D1) is prefetched: a backward column block reads a short run of
+// each row, one row a page apart from the next, which the hardware prefetchers do not follow.
+constexpr int64_t kPrefetchRows = 8;
+
+// slope(v) gives sigma' from v, the value at the same place of `source` (S or D1, row stride ld). dS_r = os G_r a
+// comes from the column sums of simd.hpp, which keep several vectors of columns in registers across the sum over
+// the k outputs (one vector at a time would chain every output's multiply-add on the previous one's); the slope is
+// applied while the row is in L1.
+template <class T, class Slope>
+PHYSAI_INLINE void backprop_saved_impl(int64_t rows, int64_t cols, int64_t k, T os, const T* G, const T* a,
+                                       int64_t lda, const T* source, int64_t ld, T* dZ, int64_t ldz, Slope&& slope) {
+  using V = typename simd::Vec<T>::type;
+  constexpr int64_t line = 64 / sizeof(T);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r + kPrefetchRows < rows)
+      for (int64_t q = 0; q < cols; q += line) __builtin_prefetch(source + (r + kPrefetchRows) * ld + q);
+    const T *g = G + r * k, *src = source + r * ld;
+    T* dz = dZ + r * ldz;
+    simd::accumulate_all_columns(cols, k, os, [&](int64_t j) { return g[j]; }, a, lda, T(0), dz);
+    int64_t q = 0;
+    for (; q + simd::Vec<T>::lanes <= cols; q += simd::Vec<T>::lanes)
+      store(dz + q, load<V>(dz + q) * slope(load<V>(src + q)));
+    for (; q < cols; ++q) dz[q] *= slope(src[q]);
+  }
+}
+
+template <class T>
+PHYSAI_INLINE void backprop_saved_any(Activation act, int64_t rows, int64_t cols, int64_t k, T os, const T* G,
+                                      const T* a, int64_t lda, const T* S, const T* D1, int64_t ld, T* dZ,
+                                      int64_t ldz) {
+  if (D1) return backprop_saved_impl(rows, cols, k, os, G, a, lda, D1, ld, dZ, ldz, [](auto d1) { return d1; });
+  switch (act) {
+    case Activation::Relu:
+      return backprop_saved_impl(rows, cols, k, os, G, a, lda, S, ld, dZ, ldz,
+                                 [](auto s) { return slope_of_value<Activation::Relu>(s); });
+    case Activation::Tanh:
+      return backprop_saved_impl(rows, cols, k, os, G, a, lda, S, ld, dZ, ldz,
+                                 [](auto s) { return slope_of_value<Activation::Tanh>(s); });
+    default:
+      return backprop_saved_impl(rows, cols, k, os, G, a, lda, S, ld, dZ, ldz,
+                                 [](auto s) { return slope_of_value<Activation::Linear>(s); });
+  }
+}
+
+}  // namespace
+
+PHYSAI_VECTOR_CLONES void backprop_saved_rows(Activation act, int64_t rows, int64_t cols, int64_t k, float os,
+                                              const float* G, const float* a, int64_t lda, const float* S,
+                                              const float* D1, int64_t ld, float* dZ, int64_t ldz) {
+  backprop_saved_any(act, rows, cols, k, os, G, a, lda, S, D1, ld, dZ, ldz);
+}
+PHYSAI_VECTOR_CLONES void backprop_saved_rows(Activation act, int64_t rows, int64_t cols, int64_t k, double os,
+                                              const double* G, const double* a, int64_t lda, const double* S,
+                                              const double* D1, int64_t ld, double* dZ, int64_t ldz) {
+  backprop_saved_any(act, rows, cols, k, os, G, a, lda, S, D1, ld, dZ, ldz);
+}
+
+PHYSAI_VECTOR_CLONES void add_column_sums(const float* A, int64_t rows, int64_t m, float* out, int64_t ld) {
+  simd::accumulate_all_columns(m, rows, 1.0f, [](int64_t) { return 1.0f; }, A, ld < 0 ? m : ld, 1.0f, out);
+}
+PHYSAI_VECTOR_CLONES void add_column_sums(const double* A, int64_t rows, int64_t m, double* out, int64_t ld) {
+  simd::accumulate_all_columns(m, rows, 1.0, [](int64_t) { return 1.0; }, A, ld < 0 ? m : ld, 1.0, out);
 }
 
 }  // namespace physai::twolayer::detail

@@ -9,7 +9,8 @@
 
 namespace physai::twolayer::detail {
 
-// S = sigma(Z + b) in place of Z, D1 = sigma'(...), D2 = sigma''(...) (when non-null), for rows x m values.
+// S = sigma(Z + b) in place of Z, D1 = sigma'(...) and D2 = sigma''(...) (each when non-null; D2 only with D1), for
+// rows x m values.
 void activate_rows(Activation act, int64_t rows, int64_t m, float* z, const float* b, float* D1, float* D2);
 void activate_rows(Activation act, int64_t rows, int64_t m, double* z, const double* b, double* D1, double* D2);
 
@@ -20,6 +21,12 @@ void output_rows(Loss loss, int64_t rows, int64_t m, int64_t k, float os, const 
 void output_rows(Loss loss, int64_t rows, int64_t m, int64_t k, double os, const double* S, const double* a,
                  const double* Y, double scale, double* F, double* G, double* row_loss);
 
+// The output layer alone, F = os S a^T for rows x k outputs (rows of S and a of length m), in blocks of 4 rows x 2
+// outputs held in registers across the sum over m: a small k makes that product too thin for BLAS's kernels, and one
+// dot product at a time waits on its own sum. Every output is summed the same way whatever its block.
+void output_layer_rows(int64_t rows, int64_t m, int64_t k, float os, const float* S, const float* a, float* F);
+void output_layer_rows(int64_t rows, int64_t m, int64_t k, double os, const double* S, const double* a, double* F);
+
 // The chain rule through both layers, row by row: dS_r = os sum_j G_rj a_j, dZ_r = dS_r sigma'_r (dZ may be D1, to
 // write in place) and, when D2 is given, D2_r *= dS_r (the curvature term dS sigma'' of the Hessian).
 void backprop_rows(int64_t rows, int64_t m, int64_t k, float os, const float* G, const float* a, const float* D1,
@@ -27,8 +34,20 @@ void backprop_rows(int64_t rows, int64_t m, int64_t k, float os, const float* G,
 void backprop_rows(int64_t rows, int64_t m, int64_t k, double os, const double* G, const double* a, const double* D1,
                    double* dZ, double* D2);
 
-// Column sums of rows x m, added to out (in a fixed order, so bitwise reproducible): the bias gradient.
-void add_column_sums(const float* A, int64_t rows, int64_t m, float* out);
-void add_column_sums(const double* A, int64_t rows, int64_t m, double* out);
+// The chain rule into the hidden layer that a forward saved (backward_saved), for `cols` hidden units (a block of
+// columns) of each row: dZ_r = os (sum_j G_rj a_j) sigma'_r. G is [rows, k]; a, S, D1 and dZ point at the block's
+// first column, with row strides lda, ld (S and D1) and ldz. D1 null: sigma' from S (relu, tanh and linear only:
+// slope_from_value in kernels.hpp).
+void backprop_saved_rows(Activation act, int64_t rows, int64_t cols, int64_t k, float os, const float* G,
+                         const float* a, int64_t lda, const float* S, const float* D1, int64_t ld, float* dZ,
+                         int64_t ldz);
+void backprop_saved_rows(Activation act, int64_t rows, int64_t cols, int64_t k, double os, const double* G,
+                         const double* a, int64_t lda, const double* S, const double* D1, int64_t ld,
+                         double* dZ, int64_t ldz);
+
+// Column sums of rows x m (row stride ld, m when omitted), added to out (in a fixed order, so bitwise reproducible):
+// the bias gradient.
+void add_column_sums(const float* A, int64_t rows, int64_t m, float* out, int64_t ld = -1);
+void add_column_sums(const double* A, int64_t rows, int64_t m, double* out, int64_t ld = -1);
 
 }  // namespace physai::twolayer::detail

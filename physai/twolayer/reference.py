@@ -124,6 +124,36 @@ def backward(p: Params, X, G):
     return dW, db, da, dX
 
 
+SLOPE_FROM_VALUE = ("relu", "tanh", "linear")  # sigma' is a function of sigma: forward_saving keeps no D1
+
+
+def forward_saving(p: Params, X):
+    """F [E, n, k] and what backward_saved needs: S = sigma(Z) and D1 = sigma'(Z) [E, n, m] (D1 None for the
+    activations of SLOPE_FROM_VALUE)."""
+    F, Z = forward(p, X)
+    S, D1, _ = activation(p.activation, Z)
+    return F, S, None if p.activation in SLOPE_FROM_VALUE else D1
+
+
+def slope_of_value(name: str, S):
+    """sigma' from sigma's value, for the activations of SLOPE_FROM_VALUE."""
+    if name == "relu":
+        return (S > 0).astype(S.dtype)
+    if name == "tanh":
+        return 1 - S**2
+    return np.ones_like(S)
+
+
+def backward_saved(p: Params, X, G, S, D1):
+    """The gradients of ``backward`` (dW, db, da, dX) from forward_saving's S and D1, without recomputing Z."""
+    W, b, a, input_scale, output_scale, act = p
+    D1 = slope_of_value(act, S) if D1 is None else D1
+    da = output_scale * G.transpose(0, 2, 1) @ S
+    dZ = output_scale * (G @ a) * D1
+    dW = input_scale * dZ.transpose(0, 2, 1) @ _broadcast(X, W.shape[0])
+    return dW, dZ.sum(1) if b is not None else None, da, input_scale * dZ @ W
+
+
 def loss_and_grad(p: Params, X, Y, loss):
     """Per-member loss [E] and gradients (dW, db, da)."""
     F, _ = forward(p, X)

@@ -17,6 +17,7 @@ and returns [..., k], as ``nn.Linear`` does; an ensemble takes X [n, d] (shared)
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -55,19 +56,21 @@ def _native(name: str):
 
 
 class _Spec(NamedTuple):
-    """The network's scalars: what the native ``Config`` holds, readable from Python for the torch-op rules."""
+    """The network's scalars, readable from Python for the torch-op rules, with the native ``Config`` built once and
+    whether a saving forward keeps sigma' (``keeps_slope``: it is not read off sigma's value)."""
 
     input_scale: float
     output_scale: float
     activation: str
-
-    def native(self):
-        return _core.twolayer.Config(self.input_scale, self.output_scale, activation_code(self.activation))
+    config: object
+    keeps_slope: bool
 
 
 def _spec(input_scale: float, output_scale: float, activation: str) -> _Spec:
-    activation_code(activation)  # checks the name
-    return _Spec(check_float(input_scale, "input_scale"), check_float(output_scale, "output_scale"), activation)
+    code = activation_code(activation)
+    input_scale, output_scale = check_float(input_scale, "input_scale"), check_float(output_scale, "output_scale")
+    return _Spec(input_scale, output_scale, activation, _core.twolayer.Config(input_scale, output_scale, code),
+                 not _core.twolayer.slope_from_value(code))
 
 
 def _plain(*tensors) -> bool:
@@ -118,13 +121,106 @@ class _Ensemble:
         return t.squeeze(0) if t is not None and self.single else t
 
 
+def _differentiable_backward(spec: _Spec, X, W, b, a, grad_F):
+    """(dX, dW, db, da) of sum(F * grad_F) by torch ops of the same network (any shapes torch_reference takes): the
+    backward for create_graph and torch.func transforms, which must itself be differentiable."""
+    if b is None:
+        _, pullback = torch.func.vjp(lambda X, W, a: _reference_forward(spec)(X, W, None, a), X, W, a)
+        dX, dW, da = pullback(grad_F)
+        return dX, dW, None, da
+    _, pullback = torch.func.vjp(_reference_forward(spec), X, W, b, a)
+    return pullback(grad_F)
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """The zero-copy numpy view of a tensor whose dtype and device are known to suit the kernels."""
+    return t.detach().contiguous().numpy()
+
+
+class _SavingTwoLayerFunction(torch.autograd.Function):
+    """A training step's path for ordinary tensors (no torch.func transform, no forward-mode AD): the native forward
+    writes the hidden layer S = sigma(Z) (and sigma'(Z), where it is not read off S) into tensors the Function saves,
+    and the native backward takes them instead of computing the hidden layer again. It takes the caller's shapes as
+    they are (W [m, d] or [E, m, d], X [..., d], or [E, n, d] for an ensemble), so no view op of its own enters the
+    graph, and it is an old-style Function (forward takes ctx), whose apply costs a third of one with setup_context:
+    at small sizes such overheads cost as much as the kernels. The numpy views of the inputs made for the forward
+    serve the backward too (the saved tensors' version check guarantees they are unchanged). A backward that must
+    itself be differentiable (create_graph) runs as torch ops."""
+
+    @staticmethod
+    def forward(ctx, X, W, b, a, spec):
+        # numpy allocates the outputs (torch.from_numpy shares them, zero-copy): half the cost of torch.empty and
+        # .numpy() per array, which counts at small sizes.
+        rows, Wn, bn, an = _array(X), _array(W), None if b is None else _array(b), _array(a)
+        single = Wn.ndim == 2
+        if single:
+            rows, Wn, an = rows.reshape(-1, rows.shape[-1]), Wn[None], an[None]
+            bn = None if bn is None else bn[None]
+        (E, m, _), k, n = Wn.shape, an.shape[1], rows.shape[-2]
+        F = np.empty((E, n, k), rows.dtype)
+        S = np.empty((E, n, m), rows.dtype)
+        D1 = np.empty((E, n, m), rows.dtype) if spec.keeps_slope else None
+        _core.twolayer.forward_saving(rows, Wn, bn, an, spec.config, F, S, D1)
+        ctx.save_for_backward(X, W, b, a, torch.from_numpy(S), None if D1 is None else torch.from_numpy(D1))
+        ctx.spec, ctx.arrays = spec, (rows, Wn, bn, an)
+        return torch.from_numpy(F.reshape(*X.shape[:-1], k) if single else F)
+
+    @staticmethod
+    def backward(ctx, grad_F):
+        X, W, b, a, S, D1 = ctx.saved_tensors
+        if torch.is_grad_enabled() or not _plain(grad_F):
+            return (*_differentiable_backward(ctx.spec, X, W, b, a, grad_F), None)
+        rows, Wn, bn, an = ctx.arrays
+        (E, n, _), k = S.shape, an.shape[1]
+        dW, da = np.empty_like(Wn), np.empty_like(an)
+        db = None if bn is None else np.empty_like(bn)
+        dX = np.empty((E, n, rows.shape[-1]), rows.dtype) if ctx.needs_input_grad[0] else None
+        _core.twolayer.backward_saved(rows, _array(grad_F).reshape(E, n, k), Wn, bn, an, S.numpy(),
+                                      None if D1 is None else D1.numpy(), ctx.spec.config, dW, db, da, dX)
+        if W.dim() == 2:  # a single network: the member axis goes
+            dW, da, db = dW[0], da[0], None if db is None else db[0]
+            dX = None if dX is None else dX.reshape(X.shape)
+        as_tensor = lambda x: None if x is None else torch.from_numpy(x)  # noqa: E731
+        dX = as_tensor(dX)
+        if dX is not None and W.dim() == 3 and X.dim() == 2:
+            dX = dX.sum(0)  # a shared input collects the gradient of every member
+        return dX, as_tensor(dW), as_tensor(db), as_tensor(da), None
+
+
+# torch's Function.apply wraps the native apply in Python that unwraps the dead wrappers of torch.func transforms;
+# _saving_applies has ruled those out, so the saving path calls the native apply and spares that per call.
+_apply_saving = super(torch.autograd.Function, _SavingTwoLayerFunction).apply
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _saving_applies(X, W, b, a) -> bool:
+    """Whether a call is a training step on ordinary tensors that the saving Function takes: gradients wanted, no
+    torch.func transform or forward-mode AD active, CPU tensors of one float dtype of ranks it handles. Any other call
+    takes the general Function, which also words the errors."""
+    if not (torch.is_grad_enabled() and (W.requires_grad or a.requires_grad or X.requires_grad
+                                         or (b is not None and b.requires_grad))):
+        return False
+    if torch._C._functorch.maybe_current_level() is not None or torch.autograd.forward_ad._current_level >= 0:
+        return False
+    if not _plain(X, W, b, a):  # a dead wrapper, escaped from a finished transform
+        return False
+    dtype = W.dtype
+    if dtype not in _FLOATS or a.dtype != dtype or X.dtype != dtype or (b is not None and b.dtype != dtype):
+        return False
+    if not (W.is_cpu and a.is_cpu and X.is_cpu and (b is None or b.is_cpu)):
+        return False
+    if W.dim() == 2:
+        return X.dim() >= 1 and X.shape[-1] == W.shape[-1]
+    return W.dim() == 3 and X.dim() in (2, 3)
+
+
 class _TwoLayerFunction(torch.autograd.Function):
     """F [E, n, k] of W [E, m, d], b [E, m] or None, a [E, k, m] and X [n, d] or [E, n, d]."""
 
     @staticmethod
     def forward(X, W, b, a, spec):
         return torch.from_numpy(_native("forward")(_view(X, "X"), _view(W, "W"), _view(b, "b"), _view(a, "a"),
-                                                   spec.native()))
+                                                   spec.config))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -138,14 +234,9 @@ class _TwoLayerFunction(torch.autograd.Function):
         X, W, b, a = ctx.saved_tensors
         if torch.is_grad_enabled() or not _plain(X, W, b, a, grad_F):
             # A differentiable backward is asked for (create_graph, or a torch.func transform): torch ops.
-            if b is None:
-                _, pullback = torch.func.vjp(lambda X, W, a: _reference_forward(ctx.spec)(X, W, None, a), X, W, a)
-                dX, dW, da = pullback(grad_F)
-                return dX, dW, None, da, None
-            _, pullback = torch.func.vjp(_reference_forward(ctx.spec), X, W, b, a)
-            return (*pullback(grad_F), None)
+            return (*_differentiable_backward(ctx.spec, X, W, b, a, grad_F), None)
         dW, db, da, dX = _native("backward")(_view(X, "X"), _view(grad_F, "grad"), _view(W, "W"), _view(b, "b"),
-                                             _view(a, "a"), ctx.spec.native(), ctx.needs_input_grad[0])
+                                             _view(a, "a"), ctx.spec.config, ctx.needs_input_grad[0])
         if dX is not None and X.dim() == 2:
             dX = dX.sum(0)  # a shared input collects the gradient of every member
         as_tensor = lambda x: None if x is None else torch.from_numpy(x)  # noqa: E731
@@ -208,10 +299,17 @@ def two_layer(X, W, b, a, *, activation: str = "relu", input_scale: float = 1.0,
     under torch.func in all of X, W, b, a. Single network: W [m,d], b [m] or None, a [k,m], X [..., d] -> F [..., k];
     ensemble: leading E axis on W, b, a and F, X [n,d] shared or [E,n,d] -> F [E,n,k]. CPU tensors of one dtype,
     float32 or float64; F has that dtype. Raises TypeError/ValueError naming a bad argument."""
-    ensemble = _Ensemble(W)
-    spec = _spec(input_scale, output_scale, activation)
+    return _two_layer(X, W, b, a, _spec(input_scale, output_scale, activation))
+
+
+def _two_layer(X, W, b, a, spec: _Spec):
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"W: expected a torch.Tensor, got {type(W).__name__}")
     if not isinstance(X, torch.Tensor):
         raise TypeError(f"X: expected a torch.Tensor, got {type(X).__name__}")
+    if isinstance(a, torch.Tensor) and (b is None or isinstance(b, torch.Tensor)) and _saving_applies(X, W, b, a):
+        return _apply_saving(X, W, b, a, spec)
+    ensemble = _Ensemble(W)
     if ensemble.single:
         if X.dim() < 1 or X.shape[-1] != W.shape[-1]:
             raise ValueError(f"X: expected shape [..., {W.shape[-1]}], got {tuple(X.shape)}")
@@ -229,7 +327,7 @@ def _refuse_data_tangents(tX, tY) -> None:
 
 def _fused_loss_and_grad(X, Y, W, b, a, spec, loss):
     return _native("loss_and_grad")(_view(X, "X"), _view(Y, "Y"), _view(W, "W"), _view(b, "b"), _view(a, "a"),
-                                    spec.native(), loss_code(loss))
+                                    spec.config, loss_code(loss))
 
 
 def _reference_gradient(X, Y, spec, loss):
@@ -261,7 +359,7 @@ def _fused_hvp(X, Y, W, b, a, spec, loss, vW, vb, va):
     parts = [vW.reshape(W.shape[0], -1)] + ([vb.reshape(b.shape[0], -1)] if b is not None else [])
     V = torch.cat(parts + [va.reshape(a.shape[0], -1)], dim=1).contiguous()
     operator = _native("hessian_operator")(_view(X, "X"), _view(Y, "Y"), _view(W, "W"), _view(b, "b"), _view(a, "a"),
-                                           spec.native(), loss_code(loss))
+                                           spec.config, loss_code(loss))
     HV = torch.from_numpy(operator.matvec(_view(V, "v")))
     sizes = [W[0].numel()] + ([b[0].numel()] if b is not None else []) + [a[0].numel()]
     pieces = list(torch.split(HV, sizes, dim=1))
@@ -343,6 +441,10 @@ def two_layer_loss(X, Y, W, b, a, *, loss: str = "mse", activation: str = "relu"
     return value[0] if ensemble.single else value
 
 
+# A module's scalars were checked when it was built: its spec is built once per value, not on every forward.
+_module_spec = functools.lru_cache(maxsize=64)(_spec)
+
+
 class TwoLayerModule(torch.nn.Module):
     """Drop-in for ``Sequential(Linear(d, m), activation, Linear(m, k, bias=False))`` on the fused kernels.
 
@@ -395,7 +497,8 @@ class TwoLayerModule(torch.nn.Module):
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         """X [..., d] -> outputs [..., k] (an ensemble: X [n, d] or [E, n, d] -> [E, n, k]), in the parameters'
         dtype."""
-        return two_layer(X, self.W, self.b, self.a, **self._kwargs())
+        return _two_layer(X, self.W, self.b, self.a,
+                          _module_spec(self.scaling.input_scale, self.scaling.output_scale, self.activation))
 
     def loss(self, X: torch.Tensor, Y: torch.Tensor, loss: str = "mse") -> torch.Tensor:
         """The fused mean loss on X [n, d], Y [n, k] (or per member [E, ...]): a scalar, or [E] for an ensemble;
