@@ -344,6 +344,40 @@ def test_saved_forward_and_backward_match_the_twin(activation, dtype, shape, bia
     assert_as_accurate_as_reference(grads, twin_grads, true_grads, dtype, f"{activation} backward_saved")
 
 
+# The row kernels take blocks of rows and outputs by shape (output layer: 8 rows for one output, 3 rows x 4 outputs
+# for m >= 128 and k >= 4, else 4 rows x 2 outputs; backward: one row at a time up to two outputs, else 4 rows):
+# output counts and widths on either side of those cuts, with rows and widths that leave remainders (37 rows; 70
+# and 130 units: not multiples of 3, 4 or 8, nor of a vector).
+@pytest.mark.parametrize("m", [70, 130])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 10])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_saved_kernels_match_the_twin_for_any_output_count(activation, dtype, k, m):
+    p, X, G = saved_problem(activation, dtype, 1, 37, m, k=k)
+    pt = p._replace(W=p.W.astype(TRUTH_DTYPE), b=p.b.astype(TRUTH_DTYPE), a=p.a.astype(TRUTH_DTYPE))
+    Xt, Gt = X.astype(TRUTH_DTYPE), G.astype(TRUTH_DTYPE)
+    F, S, D1 = native_saving(p, X)
+    twin, truth = R.forward_saving(p, X), R.forward_saving(pt, Xt)
+    assert_as_accurate_as_reference((F, S, D1), twin, truth, dtype, f"k={k} forward_saving")
+    grads = native_saved_backward(p, X, G, S, D1, True)
+    assert_as_accurate_as_reference(grads, R.backward_saved(p, X, G, *twin[1:]),
+                                    R.backward_saved(pt, Xt, Gt, *truth[1:]), dtype, f"k={k} backward_saved")
+
+
+@pytest.mark.parametrize("m", [70, 130])
+@pytest.mark.parametrize("k", [1, 5, 10])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_saved_forward_sums_a_row_alike_in_any_block(dtype, k, m):
+    # The last of 37 rows falls outside every block of rows; the same row repeated 37 times sits in the first block.
+    p, X, _ = saved_problem("relu", dtype, 1, 37, m, k=k)
+    F, S, _ = native_saving(p, X)
+    F_repeated, S_repeated, _ = native_saving(p, np.ascontiguousarray(X[[36] * 37]))
+    if not np.array_equal(S_repeated[0, 0], S[0, 36]):  # the premise, from BLAS: the same hidden row
+        pytest.skip("this BLAS sums a row of the hidden layer differently by its position")
+    np.testing.assert_array_equal(F_repeated[0, 0], F[0, 36])
+    np.testing.assert_array_equal(F_repeated[0], np.broadcast_to(F[0, 36], F_repeated[0].shape))
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_saved_backward_twin_matches_torch_autograd(activation):
     p, X, G = saved_problem(activation, np.float64, 2, 30, 11, shared_x=False)

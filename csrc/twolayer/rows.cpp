@@ -92,42 +92,86 @@ PHYSAI_VECTOR_CLONES void output_rows(Loss loss, int64_t rows, int64_t m, int64_
 
 namespace {
 
-// F[r, j] = os S_r . a_j for R rows and J outputs: R x J vector sums, each folded and finished by the columns left
-// over, in the same order for any R and J.
+// The sum of a vector's lanes by neighbouring pairs, then pairs of those: ((v0+v1)+(v2+v3))+((v4+v5)+(v6+v7)) for
+// 8 lanes, (v0+v1)+(v2+v3) for 4. fold_each computes it for `lanes` vectors at once (one result per lane) in the same
+// order, so a sum gives the same bits whichever of the two folds it.
+template <class V>
+PHYSAI_INLINE auto fold_pairs(V v) {
+  if constexpr (sizeof(v[0]) == 4) return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+  else return (v[0] + v[1]) + (v[2] + v[3]);
+}
+
+// [a0+a1, a2+a3, b0+b1, b2+b3 | the same of lanes 4-7] (vhaddps).
+PHYSAI_INLINE simd::Vec<float>::type add_pairs(simd::Vec<float>::type a, simd::Vec<float>::type b) {
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+// [a0+a1, b0+b1, a2+a3, b2+b3] (vhaddpd).
+PHYSAI_INLINE simd::Vec<double>::type add_pairs(simd::Vec<double>::type a, simd::Vec<double>::type b) {
+  return __builtin_shufflevector(a, b, 0, 4, 2, 6) + __builtin_shufflevector(a, b, 1, 5, 3, 7);
+}
+
+PHYSAI_INLINE simd::Vec<float>::type fold_each(const simd::Vec<float>::type* v) {
+  const auto low = add_pairs(add_pairs(v[0], v[1]), add_pairs(v[2], v[3]));
+  const auto high = add_pairs(add_pairs(v[4], v[5]), add_pairs(v[6], v[7]));
+  return __builtin_shufflevector(low, high, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(low, high, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+PHYSAI_INLINE simd::Vec<double>::type fold_each(const simd::Vec<double>::type* v) {
+  const auto h01 = add_pairs(v[0], v[1]), h23 = add_pairs(v[2], v[3]);
+  return __builtin_shufflevector(h01, h23, 0, 1, 4, 5) + __builtin_shufflevector(h01, h23, 2, 3, 6, 7);
+}
+
+// F[r, j] = os S_r . a_j for R rows and J outputs: R x J vector sums, folded (a whole vector of them at a time, the
+// rest one by one) and finished by the columns left over, in the same order for any R and J.
 template <int R, int J, class T>
 PHYSAI_INLINE void output_layer_block(int64_t m, int64_t k, T os, const T* S, const T* a, T* F) {
   using V = typename simd::Vec<T>::type;
   constexpr int64_t lanes = simd::Vec<T>::lanes;
-  V sum[R][J] = {};
+  V sum[R * J] = {};
   int64_t q = 0;
   for (; q + lanes <= m; q += lanes) {
     V s[R];
     for (int r = 0; r < R; ++r) s[r] = load<V>(S + r * m + q);
     for (int j = 0; j < J; ++j) {
       const V w = load<V>(a + j * m + q);
-      for (int r = 0; r < R; ++r) sum[r][j] += s[r] * w;
+      for (int r = 0; r < R; ++r) sum[r * J + j] += s[r] * w;
     }
   }
+  T total[R * J];
+  int i = 0;
+  for (; i + lanes <= R * J; i += lanes) store(total + i, fold_each(sum + i));
+  for (; i < R * J; ++i) total[i] = fold_pairs(sum[i]);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) {
-      T total = simd::fold(sum[r][j]);
-      for (int64_t p = q; p < m; ++p) total += S[r * m + p] * a[j * m + p];
-      F[r * k + j] = os * total;
+      T t = total[r * J + j];
+      for (int64_t p = q; p < m; ++p) t += S[r * m + p] * a[j * m + p];
+      F[r * k + j] = os * t;
     }
 }
 
-template <int R, class T>
+// All the outputs of R rows: J at a time (J = 4 or 2), then two, then one.
+template <int R, int J, class T>
 PHYSAI_INLINE void output_layer_block_rows(int64_t m, int64_t k, T os, const T* S, const T* a, T* F) {
   int64_t j = 0;
-  for (; j + 2 <= k; j += 2) output_layer_block<R, 2>(m, k, os, S, a + j * m, F + j);
+  for (; j + J <= k; j += J) output_layer_block<R, J>(m, k, os, S, a + j * m, F + j);
+  if constexpr (J > 2)
+    for (; j + 2 <= k; j += 2) output_layer_block<R, 2>(m, k, os, S, a + j * m, F + j);
   if (j < k) output_layer_block<R, 1>(m, k, os, S, a + j * m, F + j);
 }
 
+// Blocks by shape (every output is summed in the same order whatever its block): one output, eight rows a block, so
+// the sums fill whole vectors to fold; long rows (m >= 128) and four outputs or more, 3 rows x 4 outputs (7 loads for
+// 12 multiply-adds); otherwise 4 rows x 2 outputs, whose 8 sums fold as one vector (short rows: the folds count).
 template <class T>
 PHYSAI_INLINE void output_layer_rows_impl(int64_t rows, int64_t m, int64_t k, T os, const T* S, const T* a, T* F) {
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) output_layer_block_rows<4>(m, k, os, S + r * m, a, F + r * k);
-  for (; r < rows; ++r) output_layer_block_rows<1>(m, k, os, S + r * m, a, F + r * k);
+  if (k == 1)
+    for (; r + 8 <= rows; r += 8) output_layer_block<8, 1>(m, k, os, S + r * m, a, F + r * k);
+  if (k >= 4 && m >= 128)
+    for (; r + 3 <= rows; r += 3) output_layer_block_rows<3, 4>(m, k, os, S + r * m, a, F + r * k);
+  for (; r + 4 <= rows; r += 4) output_layer_block_rows<4, 2>(m, k, os, S + r * m, a, F + r * k);
+  for (; r < rows; ++r) output_layer_block_rows<1, 2>(m, k, os, S + r * m, a, F + r * k);
 }
 
 }  // namespace
@@ -188,30 +232,86 @@ PHYSAI_INLINE U slope_of_value(U s) {
   else return one;
 }
 
-// Rows ahead of the current one whose part of S (or D1) is prefetched: a backward column block reads a short run of
-// each row, one row a page apart from the next, which the hardware prefetchers do not follow.
+// dZ_r = os (sum_j G_rj a_j) slope(source_r) for R rows at columns [q, q + W vectors of U) (U: a Vec, or one T):
+// R x W sums held in registers across the sum over the k outputs, so that each vector of a, loaded once per output,
+// serves all R rows. Every element is summed over j in order, the same whatever its block.
+template <int R, int W, class U, class T, class Slope>
+PHYSAI_INLINE void backprop_saved_block(int64_t k, T os, const T* G, const T* a, int64_t lda, const T* source,
+                                        int64_t ld, T* dZ, int64_t ldz, int64_t q, Slope& slope) {
+  constexpr int64_t lanes = sizeof(U) / sizeof(T);
+  U sum[R][W] = {};
+  for (int64_t j = 0; j < k; ++j) {
+    U w[W];
+    for (int v = 0; v < W; ++v) w[v] = load<U>(a + j * lda + q + v * lanes);
+    for (int r = 0; r < R; ++r) {
+      const T g = G[r * k + j];
+      for (int v = 0; v < W; ++v) sum[r][v] += g * w[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < W; ++v) {
+      const int64_t at = q + v * lanes;
+      store(dZ + r * ldz + at, (os * sum[r][v]) * slope(load<U>(source + r * ld + at)));
+    }
+}
+
+// All the columns of R rows: two vectors at a time, then one, then one T at a time.
+template <int R, class T, class Slope>
+PHYSAI_INLINE void backprop_saved_row_block(int64_t cols, int64_t k, T os, const T* G, const T* a, int64_t lda,
+                                            const T* source, int64_t ld, T* dZ, int64_t ldz, Slope& slope) {
+  using V = typename simd::Vec<T>::type;
+  constexpr int64_t lanes = simd::Vec<T>::lanes;
+  int64_t q = 0;
+  for (; q + 2 * lanes <= cols; q += 2 * lanes)
+    backprop_saved_block<R, 2, V>(k, os, G, a, lda, source, ld, dZ, ldz, q, slope);
+  if (q + lanes <= cols) {
+    backprop_saved_block<R, 1, V>(k, os, G, a, lda, source, ld, dZ, ldz, q, slope);
+    q += lanes;
+  }
+  for (; q < cols; ++q) backprop_saved_block<R, 1, T>(k, os, G, a, lda, source, ld, dZ, ldz, q, slope);
+}
+
+// Rows ahead of the current ones whose part of S (or D1) is prefetched: a backward column block reads a short run
+// of each row, one row a page apart from the next, which the hardware prefetchers do not follow.
 constexpr int64_t kPrefetchRows = 8;
 
-// slope(v) gives sigma' from v, the value at the same place of `source` (S or D1, row stride ld). dS_r = os G_r a
-// comes from the column sums of simd.hpp, which keep several vectors of columns in registers across the sum over
-// the k outputs (one vector at a time would chain every output's multiply-add on the previous one's); the slope is
-// applied while the row is in L1.
+// Outputs up to which the backward runs row by row: with one or two outputs the sum over them is a multiply-add or
+// two per element, and blocking rows only adds work around it (measured slower at k = 1).
+constexpr int64_t kRowwiseOutputs = 2;
+
+// slope(v) gives sigma' from v, the value at the same place of `source` (S or D1, row stride ld). Few outputs: one
+// row at a time; more: four rows at a time (backprop_saved_block), then one.
 template <class T, class Slope>
 PHYSAI_INLINE void backprop_saved_impl(int64_t rows, int64_t cols, int64_t k, T os, const T* G, const T* a,
                                        int64_t lda, const T* source, int64_t ld, T* dZ, int64_t ldz, Slope&& slope) {
-  using V = typename simd::Vec<T>::type;
   constexpr int64_t line = 64 / sizeof(T);
-  for (int64_t r = 0; r < rows; ++r) {
-    if (r + kPrefetchRows < rows)
-      for (int64_t q = 0; q < cols; q += line) __builtin_prefetch(source + (r + kPrefetchRows) * ld + q);
-    const T *g = G + r * k, *src = source + r * ld;
-    T* dz = dZ + r * ldz;
-    simd::accumulate_all_columns(cols, k, os, [&](int64_t j) { return g[j]; }, a, lda, T(0), dz);
-    int64_t q = 0;
-    for (; q + simd::Vec<T>::lanes <= cols; q += simd::Vec<T>::lanes)
-      store(dz + q, load<V>(dz + q) * slope(load<V>(src + q)));
-    for (; q < cols; ++q) dz[q] *= slope(src[q]);
+  const auto prefetch = [&](int64_t r) {
+    if (r < rows)
+      for (int64_t q = 0; q < cols; q += line) __builtin_prefetch(source + r * ld + q);
+  };
+  int64_t r = 0;
+  if (k <= kRowwiseOutputs) {
+    // dS_r from the column sums of simd.hpp (several vectors of columns in registers across the sum over the
+    // outputs), then the slope, applied while the row is in L1.
+    using V = typename simd::Vec<T>::type;
+    for (; r < rows; ++r) {
+      prefetch(r + kPrefetchRows);
+      const T *g = G + r * k, *src = source + r * ld;
+      T* dz = dZ + r * ldz;
+      simd::accumulate_all_columns(cols, k, os, [&](int64_t j) { return g[j]; }, a, lda, T(0), dz);
+      int64_t q = 0;
+      for (; q + simd::Vec<T>::lanes <= cols; q += simd::Vec<T>::lanes)
+        store(dz + q, load<V>(dz + q) * slope(load<V>(src + q)));
+      for (; q < cols; ++q) dz[q] *= slope(src[q]);
+    }
+    return;
   }
+  for (; r + 4 <= rows; r += 4) {
+    for (int64_t p = 0; p < 4; ++p) prefetch(r + kPrefetchRows + p);
+    backprop_saved_row_block<4>(cols, k, os, G + r * k, a, lda, source + r * ld, ld, dZ + r * ldz, ldz, slope);
+  }
+  for (; r < rows; ++r)
+    backprop_saved_row_block<1>(cols, k, os, G + r * k, a, lda, source + r * ld, ld, dZ + r * ldz, ldz, slope);
 }
 
 template <class T>

@@ -21,9 +21,10 @@ void output_rows(Loss loss, int64_t rows, int64_t m, int64_t k, float os, const 
 void output_rows(Loss loss, int64_t rows, int64_t m, int64_t k, double os, const double* S, const double* a,
                  const double* Y, double scale, double* F, double* G, double* row_loss);
 
-// The output layer alone, F = os S a^T for rows x k outputs (rows of S and a of length m), in blocks of 4 rows x 2
-// outputs held in registers across the sum over m: a small k makes that product too thin for BLAS's kernels, and one
-// dot product at a time waits on its own sum. Every output is summed the same way whatever its block.
+// The output layer alone, F = os S a^T for rows x k outputs (rows of S and a of length m), in blocks of rows x
+// outputs held in registers across the sum over m (8 x 1 for one output, 3 x 4 for m >= 128 and k >= 4, else 4 x 2),
+// whose sums fold a vector of them at once: a small k makes that product too thin for BLAS's kernels, and one dot
+// product at a time waits on its own sum. Every output is summed the same way whatever its block.
 void output_layer_rows(int64_t rows, int64_t m, int64_t k, float os, const float* S, const float* a, float* F);
 void output_layer_rows(int64_t rows, int64_t m, int64_t k, double os, const double* S, const double* a, double* F);
 
@@ -37,7 +38,7 @@ void backprop_rows(int64_t rows, int64_t m, int64_t k, double os, const double* 
 // The chain rule into the hidden layer that a forward saved (backward_saved), for `cols` hidden units (a block of
 // columns) of each row: dZ_r = os (sum_j G_rj a_j) sigma'_r. G is [rows, k]; a, S, D1 and dZ point at the block's
 // first column, with row strides lda, ld (S and D1) and ldz. D1 null: sigma' from S (relu, tanh and linear only:
-// slope_from_value in kernels.hpp).
+// slope_from_value in kernels.hpp). k > 2: four rows at a time, each vector of a loaded once for the four.
 void backprop_saved_rows(Activation act, int64_t rows, int64_t cols, int64_t k, float os, const float* G,
                          const float* a, int64_t lda, const float* S, const float* D1, int64_t ld, float* dZ,
                          int64_t ldz);
