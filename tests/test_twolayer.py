@@ -264,35 +264,6 @@ def test_ensemble_members_are_independent():
             np.testing.assert_array_equal(g[e:e + 1], g_e)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("activation,k", [("tanh", 1), ("tanh", 3), ("relu", 1), ("softplus", 1)])
-@pytest.mark.parametrize("n", [SCHEDULE["block_rows"], SCHEDULE["block_rows"] - 3], ids=["full", "short"])
-def test_shared_x_gemms_give_the_bits_of_a_member_alone(dtype, activation, k, n):
-    # BLAS-sized members (d = 32, m = 72: every GEMM block above the small-GEMM dimension). With a shared X an
-    # ensemble computes its pre-activations from one transposed copy of X (OpenBLAS's small-matrix kernel), and the
-    # Hessian operator its R{Z} the same way; a member alone (n <= block_rows: no row blocks) and an ensemble with a
-    # per-member X run them from X as stored. The bits agree: BLAS sums along K in one order whatever the storage.
-    # tanh with one output also takes the HVP pass that reads sigma' and dS sigma'' off S.
-    E, d, m = 3, 32, 72
-    net, X, Y, _ = make_problem(activation, "mse", "standard", dtype, E=E, n=n, d=d, m=m, k=k)
-    V = np.random.default_rng(2).standard_normal((E, net.num_params)).astype(dtype)
-    value, grads = net.loss_and_grad(X, Y)
-    product = net.hessian_operator(X, Y).native.matvec(V)
-    X_each = np.ascontiguousarray(np.broadcast_to(X, (E, n, d)))
-    value_each, grads_each = net.loss_and_grad(X_each, Y)
-    np.testing.assert_array_equal(value_each, value)
-    for g, g_each in zip(grads, grads_each):
-        np.testing.assert_array_equal(g_each, g)
-    np.testing.assert_array_equal(net.hessian_operator(X_each, Y).native.matvec(V), product)
-    for e in range(E):
-        alone = TwoLayer.from_arrays(*(p[e:e + 1].copy() for p in (net.W, net.b, net.a)), activation)
-        value_e, grads_e = alone.loss_and_grad(X, Y)
-        np.testing.assert_array_equal(value_e, value[e:e + 1])
-        for g, g_e in zip(grads, grads_e):
-            np.testing.assert_array_equal(g_e, g[e:e + 1])
-        np.testing.assert_array_equal(alone.hessian_operator(X, Y).native.matvec(V[e:e + 1]), product[e:e + 1])
-
-
 def test_ensemble_training_and_sharpness_are_those_of_each_member_alone():
     # An ensemble trains (and solves) each member as one task; a member alone, with no more than block_rows rows,
     # runs the same computation, so the bits agree. The solver's start is given, since a member's random start

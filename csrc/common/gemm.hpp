@@ -41,15 +41,6 @@ void block_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, co
     blas::gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-// Whether gemm() below runs every block of an M x N x K product through BLAS (no block has a dimension of kSmallDim
-// or less). BLAS sums each entry of C along K in one order whatever the shapes and the storage order of A and B
-// (checked by the ensemble tests), so such a product may then be computed from transposed copies of its operands.
-inline bool all_blas(int64_t M, int64_t N, int64_t K) {
-  if (std::min({M, N, K}) <= kSmallDim) return false;
-  const int64_t rest = (M >= N ? M : N) % kBlock;
-  return rest == 0 || rest > kSmallDim;
-}
-
 // C = alpha op(A) op(B) + beta C in blocks of kBlock rows of C (or columns, when C is wide and short), run in
 // parallel when `parallel`.
 template <class T>

@@ -25,23 +25,13 @@ namespace detail {
 // ---------------------------------------------------------------------------------------------------------------
 
 template <class T>
-void hidden(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, T* S, T* D1, T* D2, bool parallel,
-            const T* XT, int64_t ldxt) {
+void hidden(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, T* S, T* D1, T* D2, bool parallel) {
   const int64_t m = net.m, d = net.d;
-  if (XT && gemm::all_blas(rows, m, d)) {
-    const auto WT = Scratch<T>(d * m);
-    const T* W = net.W_of(e);
-    for (int64_t q = 0; q < m; ++q)
-      for (int64_t l = 0; l < d; ++l) WT[l * m + q] = W[q * d + l];
-    gemm(parallel, Trans::Yes, Trans::No, rows, m, d, net.input_scale, XT, ldxt, static_cast<const T*>(WT.get()), m,
-         T(0), S, m);
-  } else {
-    gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, net.W_of(e), d, T(0), S, m);
-  }
+  gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, net.W_of(e), d, T(0), S, m);
   const std::vector<T> zeros(net.b ? 0 : m, T(0));
   const T* b = net.b ? net.b_of(e) : zeros.data();
   over_row_tasks(rows, parallel, [&](int64_t r0, int64_t count) {
-    activate_rows(net.activation, count, m, S + r0 * m, b, D1 ? D1 + r0 * m : nullptr, D2 ? D2 + r0 * m : nullptr);
+    activate_rows(net.activation, count, m, S + r0 * m, b, D1 + r0 * m, D2 ? D2 + r0 * m : nullptr);
   });
 }
 
@@ -60,17 +50,8 @@ T loss_tile(const Net<T>& net, int64_t e, Loss loss, const T* S_t, const T* Y_t,
 
 namespace {
 
-// Whether a tile's backward reads sigma' off S (slope_from_value) rather than from a D1 that hidden() would write and
-// this would read back: with one output, backprop_saved_rows gives the bits of backprop_rows (os G a, times sigma';
-// with more, it sums the outputs in another order).
-template <class T>
-bool slope_from_S(const Net<T>& net) {
-  return net.k == 1 && slope_from_value(net.activation);
-}
-
 // Backward of one tile given its output gradients G_t [rows, k]: accumulates da, dW, db (beta = 0 on the first tile)
-// and writes dX_t. S holds sigma(Z) and D1 sigma'(Z) of the tile (D1 only a buffer where slope_from_S); D1 is
-// overwritten with dZ.
+// and writes dX_t. S holds sigma(Z) and D1 sigma'(Z) of the tile; D1 is overwritten with dZ.
 template <class T>
 void backward_tile(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, const T* S, T* D1, const T* G_t,
                    bool first, T* dW, T* db, T* da, T* dX_t, bool parallel) {
@@ -78,12 +59,8 @@ void backward_tile(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, con
   const T beta = first ? T(0) : T(1);
   gemm(parallel, Trans::Yes, Trans::No, k, m, rows, net.output_scale, G_t, k, S, m, beta, da, m);
   over_row_tasks(rows, parallel, [&](int64_t r0, int64_t count) {
-    if (slope_from_S(net))
-      backprop_saved_rows(net.activation, count, m, k, net.output_scale, G_t + r0 * k, net.a_of(e), m, S + r0 * m,
-                          static_cast<const T*>(nullptr), m, D1 + r0 * m, m);
-    else
-      backprop_rows(count, m, k, net.output_scale, G_t + r0 * k, net.a_of(e), D1 + r0 * m, D1 + r0 * m,
-                    static_cast<T*>(nullptr));
+    backprop_rows(count, m, k, net.output_scale, G_t + r0 * k, net.a_of(e), D1 + r0 * m, D1 + r0 * m,
+                  static_cast<T*>(nullptr));
   });
   gemm(parallel, Trans::Yes, Trans::No, m, d, rows, net.input_scale, D1, m, X_t, d, beta, dW, d);
   if (db) {
@@ -98,14 +75,13 @@ void backward_tile(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, con
 // into G_scratch, or pointing into given ones) and adds to the loss it tracks; dX may be null.
 template <class T, class OutputGrad>
 void member_backward(const Net<T>& net, int64_t e, T* dW, T* db, T* da, T* dX, bool parallel,
-                     OutputGrad&& output_grad, const T* XT = nullptr, int64_t ldxt = 0) {
+                     OutputGrad&& output_grad) {
   const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
   const auto S = Scratch<T>(tile * m), D1 = Scratch<T>(tile * m), G = Scratch<T>(tile * k);
   const T* X = net.X_of(e);
   for (int64_t r0 = 0; r0 < n; r0 += tile) {
     const int64_t rows = std::min(tile, n - r0);
-    hidden(net, e, X + r0 * d, rows, S.get(), slope_from_S(net) ? static_cast<T*>(nullptr) : D1.get(),
-           static_cast<T*>(nullptr), parallel, XT ? XT + r0 : XT, ldxt);
+    hidden(net, e, X + r0 * d, rows, S.get(), D1.get(), static_cast<T*>(nullptr), parallel);
     const T* G_t = output_grad(r0, rows, static_cast<const T*>(S.get()), G.get());
     backward_tile(net, e, X + r0 * d, rows, S.get(), D1.get(), G_t, r0 == 0, dW, db, da,
                   dX ? dX + r0 * d : static_cast<T*>(nullptr), parallel);
@@ -134,7 +110,7 @@ void member_forward(const Net<T>& net, int64_t e, T* F, bool parallel) {
 
 template <class T>
 T member_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, int64_t e, T* dW, T* db, T* da, bool parallel,
-                       int64_t mean_rows, const T* XT, int64_t ldxt) {
+                       int64_t mean_rows) {
   const int64_t m = net.m, k = net.k, tile = tile_rows<T>(net.n, m);
   const auto F = Scratch<T>(tile * k), row_loss = Scratch<T>(tile);
   const T scale = loss_scale<T>(loss, mean_rows, k);
@@ -144,8 +120,7 @@ T member_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, int64_t e, T* d
                     total += loss_tile(net, e, loss, S_t, Y + r0 * k, rows, scale, F.get(), G_t, row_loss.get(),
                                        parallel);
                     return static_cast<const T*>(G_t);
-                  },
-                  XT, ldxt);
+                  });
   return total;
 }
 
@@ -262,10 +237,9 @@ void member_backward_saved(const Net<T>& net, int64_t e, const T* G, const T* S,
 }  // namespace
 
 #define PHYSAI_TWOLAYER_PASSES(T)                                                                              \
-  template void hidden<T>(const Net<T>&, int64_t, const T*, int64_t, T*, T*, T*, bool, const T*, int64_t);    \
+  template void hidden<T>(const Net<T>&, int64_t, const T*, int64_t, T*, T*, T*, bool);                        \
   template T loss_tile<T>(const Net<T>&, int64_t, Loss, const T*, const T*, int64_t, T, T*, T*, T*, bool);     \
-  template T member_loss_and_grad<T>(const Net<T>&, const T*, Loss, int64_t, T*, T*, T*, bool, int64_t, const T*, \
-                                     int64_t);                                                                  \
+  template T member_loss_and_grad<T>(const Net<T>&, const T*, Loss, int64_t, T*, T*, T*, bool, int64_t);       \
   template T blocked_loss_and_grad<T>(const Net<T>&, const T*, Loss, T*, T*, T*);
 PHYSAI_TWOLAYER_PASSES(float)
 PHYSAI_TWOLAYER_PASSES(double)
@@ -333,16 +307,10 @@ void loss_and_grad(const Net<T>& net, const Targets<T>& targets, T* loss, T* dW,
     loss[0] = blocked_loss_and_grad(net, targets.Y_of(0, net.n, net.k), targets.loss, dW, db, da);
     return;
   }
-  // Members of an ensemble with a shared X run their pre-activation GEMMs from one transposed copy of X (hidden()),
-  // unless that copy would be large (the members' GEMMs then dwarf the packing it saves).
-  std::vector<T> XT(net.E > 1 && net.x_shared && net.d * net.n <= kMaxTransposedX ? net.d * net.n : 0);
-  for (int64_t r = 0; r < (XT.empty() ? 0 : net.n); ++r)
-    for (int64_t l = 0; l < net.d; ++l) XT[l * net.n + r] = net.X[r * net.d + l];
   over_members(net.E, work_of(net), [&](int64_t e, bool parallel) {
     const int64_t m = net.m, k = net.k, d = net.d;
     loss[e] = member_loss_and_grad(net, targets.Y_of(e, net.n, k), targets.loss, e, dW + e * m * d,
-                                   net.b ? db + e * m : nullptr, da + e * k * m, parallel, net.n,
-                                   XT.empty() ? static_cast<const T*>(nullptr) : XT.data(), net.n);
+                                   net.b ? db + e * m : nullptr, da + e * k * m, parallel, net.n);
   });
 }
 

@@ -42,16 +42,12 @@ struct RRows {
   const T *vb, *a, *va;            // direction's bias part, output weights, direction's output part
   const T *S, *D1, *dS_D2, *F, *Y, *G;  // cached forward and backward of the tile (dS_D2 = dS sigma'')
   T *RZ, *RS, *RF, *RG, *RdZ;      // RZ holds input_scale X vW^T on entry
-  // tanh with one output: sigma' = 1 - S^2 and dS sigma'' = os G a (-2 S sigma') from S, the expressions activate()
-  // and backprop_rows() evaluate, so the same bits, while the pass reads one cached [n, m] array instead of three
-  // (the ensemble's caches do not fit in cache, so the pass is bound by their reading).
-  bool tanh_from_S = false;
 };
 
 // r_rows for one output (regression, binary logistic): R{S} and both output dot products in one pass over the row,
 // the backward in a second, where k dot products and a combination over k would take four passes and two folds.
 // At small widths the per-row work, not the arithmetic, is what an HVP's row pass costs.
-template <bool FromS, class T>
+template <class T>
 PHYSAI_INLINE void r_rows_single_output(const RRows<T>& p, int64_t r0, int64_t rows) {
   using V = typename simd::Vec<T>::type;
   constexpr int64_t lanes = simd::Vec<T>::lanes;
@@ -67,14 +63,7 @@ PHYSAI_INLINE void r_rows_single_output(const RRows<T>& p, int64_t r0, int64_t r
       using U = decltype(lanes_of);
       U z = load<U>(RZ + q);
       if (vb) z += load<U>(vb + q);
-      U d1;
-      if constexpr (FromS) {
-        const U t = load<U>(S + q), one = U{} + 1;
-        d1 = one - t * t;
-      } else {
-        d1 = load<U>(D1 + q);
-      }
-      const U s = d1 * z;
+      const U s = load<U>(D1 + q) * z;
       store(RZ + q, z);
       store(RS + q, s);
       return s * load<U>(a + q) + load<U>(S + q) * load<U>(va + q);
@@ -97,15 +86,7 @@ PHYSAI_INLINE void r_rows_single_output(const RRows<T>& p, int64_t r0, int64_t r
     auto backward = [&](int64_t c, auto lanes_of) __attribute__((always_inline)) {
       using U = decltype(lanes_of);
       const U RdS = RG * load<U>(a + c) + G * load<U>(va + c);
-      if constexpr (FromS) {
-        const U t = load<U>(S + c), one = U{} + 1, d1 = one - t * t, dds = T(-2) * t * d1;
-        U sum = {};
-        sum += G * load<U>(a + c);
-        const U dS = os * sum;
-        store(RdZ + c, os * RdS * d1 + dds * dS * load<U>(RZ + c));
-      } else {
-        store(RdZ + c, os * RdS * load<U>(D1 + c) + load<U>(dS_D2 + c) * load<U>(RZ + c));
-      }
+      store(RdZ + c, os * RdS * load<U>(D1 + c) + load<U>(dS_D2 + c) * load<U>(RZ + c));
     };
     q = 0;
     for (; q + lanes <= m; q += lanes) backward(q, V{});
@@ -117,10 +98,7 @@ PHYSAI_INLINE void r_rows_single_output(const RRows<T>& p, int64_t r0, int64_t r
 // R{G} = H_f R{F}; R{dZ} = os (R{G} a + G va) sigma' + dS sigma'' R{Z}.
 template <class T>
 PHYSAI_INLINE void r_rows_impl(const RRows<T>& p, int64_t r0, int64_t rows) {
-  if (p.k == 1) {
-    if (p.tanh_from_S) return r_rows_single_output<true>(p, r0, rows);
-    return r_rows_single_output<false>(p, r0, rows);
-  }
+  if (p.k == 1) return r_rows_single_output(p, r0, rows);
   // Fields copied to locals: stores through the row pointers could otherwise alias them, forcing reloads.
   const int64_t m = p.m, k = p.k;
   const T os = p.os, *vb = p.vb, *a = p.a, *va = p.va;
@@ -161,11 +139,6 @@ HessianOperator<T>::HessianOperator(const Net<T>& net, const Targets<T>& targets
   validate(net);
   const int64_t E = net.E, n = net.n, m = net.m, k = net.k;
   for (auto* cache : {&S_, &D1_, &dS_D2_, &dZ_}) cache->reset(new T[E * n * m]);
-  if (net.x_shared && n > 0 && net.d * n <= kMaxTransposedX) {
-    XT_.reset(new T[net.d * n]);
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t l = 0; l < net.d; ++l) XT_[l * n + r] = net.X[r * net.d + l];
-  }
   F_.reset(new T[E * n * k]);
   G_.reset(new T[E * n * k]);
   loss_.resize(E);
@@ -182,7 +155,7 @@ void HessianOperator<T>::refresh_member(int64_t e, bool parallel) {
   const int64_t n = net_.n, m = net_.m, k = net_.k;
   T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *dS_D2 = dS_D2_.get() + e * n * m;
   T *F = F_.get() + e * n * k, *G = G_.get() + e * n * k, *dZ = dZ_.get() + e * n * m;
-  hidden(net_, e, net_.X_of(e), n, S, D1, dS_D2, parallel, static_cast<const T*>(XT_.get()), n);
+  hidden(net_, e, net_.X_of(e), n, S, D1, dS_D2, parallel);
   const auto row_loss = Scratch<T>(n);
   loss_[e] = loss_tile(net_, e, targets_.loss, static_cast<const T*>(S), targets_.Y_of(e, n, k), n,
                        loss_scale<T>(targets_.loss, n, k), F, G, row_loss.get(), parallel);
@@ -210,28 +183,15 @@ void HessianOperator<T>::apply_rows(int64_t e, int64_t row_begin, int64_t row_en
   const T scale = loss_scale<T>(targets_.loss, n, k), os = net.output_scale;
   const auto RZ = Scratch<T>(tile * m), RS = Scratch<T>(tile * m), RdZ = Scratch<T>(tile * m);
   const auto RF = Scratch<T>(tile * k), RG = Scratch<T>(tile * k);
-  // vW^T [d, m] where R{Z} runs from X^T (every tile all BLAS: the same bits as from X and vW, gemm.hpp)
-  bool transposed = XT_ != nullptr;
-  for (int64_t r0 = row_begin; r0 < row_end && transposed; r0 += tile)
-    transposed = gemm::all_blas(std::min(tile, row_end - r0), m, d);
-  const auto vWT = Scratch<T>(transposed ? d * m : 0);
-  if (transposed)
-    for (int64_t q = 0; q < m; ++q)
-      for (int64_t l = 0; l < d; ++l) vWT[l * m + q] = vW[q * d + l];
   for (int64_t r0 = row_begin; r0 < row_end; r0 += tile) {
     const int64_t rows = std::min(tile, row_end - r0);
     const T beta = r0 == row_begin ? T(0) : T(1);
     const T *X_t = X + r0 * d, *S_t = S + r0 * m, *G_t = G + r0 * k;
     // R{Z} = input_scale X vW^T (+ vb in the row pass)
-    if (transposed)
-      gemm(parallel, Trans::Yes, Trans::No, rows, m, d, net.input_scale, static_cast<const T*>(XT_.get()) + r0, n,
-           static_cast<const T*>(vWT.get()), m, T(0), RZ.get(), m);
-    else
-      gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, vW, d, T(0), RZ.get(), m);
+    gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, vW, d, T(0), RZ.get(), m);
     const RRows<T> pass{targets_.loss, m,        k,        os,       scale,    vb,       a,
                         va,           S_t,      D1 + r0 * m, dS_D2 + r0 * m, F + r0 * k, Y + r0 * k, G_t,
-                        RZ.get(),     RS.get(), RF.get(), RG.get(), RdZ.get(),
-                        k == 1 && net.activation == Activation::Tanh};
+                        RZ.get(),     RS.get(), RF.get(), RG.get(), RdZ.get()};
     over_row_tasks(rows, parallel, [&](int64_t q0, int64_t count) { r_rows(pass, q0, count); });
     // R{da} = os (R{G}^T S + G^T R{S})
     gemm(parallel, Trans::Yes, Trans::No, k, m, rows, os, RG.get(), k, S_t, m, beta, oa, m);

@@ -87,9 +87,6 @@ class HessianOperator {
   // memset of the four large caches on every construction.
   // dZ_ = dS sigma' (what the gradient needs) and dS_D2_ = dS sigma'' (what the HVP needs) with dS = os G a.
   std::unique_ptr<T[]> S_, D1_, dS_D2_, dZ_, F_, G_;
-  // X^T [d, n] of a shared X (null otherwise), taken at construction: a product's R{Z} = X vW^T then runs as
-  // (X^T)^T vW^T, the storage order for which OpenBLAS has a small-matrix kernel (no packing of X per member).
-  std::unique_ptr<T[]> XT_;
   std::vector<T> loss_;                      // [E]
 };
 

@@ -14,15 +14,9 @@ T loss_scale(Loss loss, int64_t rows, int64_t k) {
   return loss == Loss::CrossEntropy ? T(1) / T(rows) : T(1) / (T(rows) * T(k));
 }
 
-// Entries of X up to which the ensemble kernels keep a transposed copy of a shared X (hidden(), HessianOperator).
-constexpr int64_t kMaxTransposedX = int64_t(1) << 22;
-
 // Z = input_scale * X_t W^T + b, then S = sigma(Z) in place of Z; D1 = sigma'(Z) and D2 = sigma''(Z) (if non-null).
-// XT (optional): the tile's X^T, [d, rows] with row stride ldxt, from which the GEMM runs in the storage order for
-// which OpenBLAS has a small-matrix kernel (the same bits, gemm.hpp all_blas).
 template <class T>
-void hidden(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, T* S, T* D1, T* D2, bool parallel,
-            const T* XT = nullptr, int64_t ldxt = 0);
+void hidden(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, T* S, T* D1, T* D2, bool parallel);
 
 // Output layer and loss of a tile from S_t = sigma(Z_t): F_t and G_t [rows, k], and the tile's loss summed in row
 // order.
@@ -32,10 +26,9 @@ T loss_tile(const Net<T>& net, int64_t e, Loss loss, const T* S_t, const T* Y_t,
 
 // Forward + loss + backward of member e; returns its loss. The loss is a mean over `mean_rows` rows (net.n, unless
 // net is a block of a larger batch).
-// XT (optional): X^T [d, n] with row stride ldxt, for hidden().
 template <class T>
 T member_loss_and_grad(const Net<T>& net, const T* Y, Loss loss, int64_t e, T* dW, T* db, T* da, bool parallel,
-                       int64_t mean_rows, const T* XT = nullptr, int64_t ldxt = 0);
+                       int64_t mean_rows);
 
 // The same for a lone member (net.E == 1) in parallel row blocks (schedule.hpp), summed in block order.
 template <class T>
