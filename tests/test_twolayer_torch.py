@@ -521,3 +521,23 @@ def test_saving_path_keeps_autograd_contracts():
     # a non-contiguous input
     wide = torch.randn(3, 10, dtype=torch.float64)
     torch.testing.assert_close(module(wide.t()), torch_reference(wide.t(), *params).detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_saving_path_takes_its_inputs_from_the_saved_tensors():
+    """A saved-tensor hook that copies (offloading, checkpointing) hands the backward the values of the forward even
+    after an in-place change of the parameters: the gradient is that of those values, as torch's own layers give."""
+    torch.manual_seed(0)
+    module = TwoLayerModule(3, 5, 2, "tanh").double()
+    original = {name: p.detach().clone() for name, p in module.named_parameters()}
+    X = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        F = module(X)
+    with torch.no_grad():
+        module.W.mul_(2)
+        module.a.mul_(-1)
+    F.pow(2).sum().backward()
+    X_ref = X.detach().clone().requires_grad_()
+    params = {name: p.clone().requires_grad_() for name, p in original.items()}
+    torch.func.functional_call(module, params, (X_ref,)).pow(2).sum().backward()
+    torch.testing.assert_close(X.grad, X_ref.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(module.W.grad, params["W"].grad, rtol=1e-12, atol=1e-14)

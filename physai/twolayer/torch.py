@@ -143,26 +143,33 @@ class _SavingTwoLayerFunction(torch.autograd.Function):
     and the native backward takes them instead of computing the hidden layer again. It takes the caller's shapes as
     they are (W [m, d] or [E, m, d], X [..., d], or [E, n, d] for an ensemble), so no view op of its own enters the
     graph, and it is an old-style Function (forward takes ctx), whose apply costs a third of one with setup_context:
-    at small sizes such overheads cost as much as the kernels. The numpy views of the inputs made for the forward
-    serve the backward too (the saved tensors' version check guarantees they are unchanged). A backward that must
-    itself be differentiable (create_graph) runs as torch ops."""
+    at small sizes such overheads cost as much as the kernels. The backward reads X, W, b, a from the saved tensors,
+    not from the forward's views: a saved-tensor hook (offloading, checkpointing) may hand back copies made before an
+    in-place change, and the gradient is that of those. A backward that must itself be differentiable (create_graph)
+    runs as torch ops."""
+
+    @staticmethod
+    def _arrays(X, W, b, a):
+        """Kernel views of the inputs: X as rows [n, d] or [E, n, d], W, b, a with a member axis."""
+        rows, Wn, bn, an = _array(X), _array(W), None if b is None else _array(b), _array(a)
+        if Wn.ndim == 2:  # a single network
+            rows, Wn, an = rows.reshape(-1, rows.shape[-1]), Wn[None], an[None]
+            bn = None if bn is None else bn[None]
+        return rows, Wn, bn, an
 
     @staticmethod
     def forward(ctx, X, W, b, a, spec):
         # numpy allocates the outputs (torch.from_numpy shares them, zero-copy): half the cost of torch.empty and
         # .numpy() per array, which counts at small sizes.
-        rows, Wn, bn, an = _array(X), _array(W), None if b is None else _array(b), _array(a)
-        single = Wn.ndim == 2
-        if single:
-            rows, Wn, an = rows.reshape(-1, rows.shape[-1]), Wn[None], an[None]
-            bn = None if bn is None else bn[None]
+        rows, Wn, bn, an = _SavingTwoLayerFunction._arrays(X, W, b, a)
+        single = W.dim() == 2
         (E, m, _), k, n = Wn.shape, an.shape[1], rows.shape[-2]
         F = np.empty((E, n, k), rows.dtype)
         S = np.empty((E, n, m), rows.dtype)
         D1 = np.empty((E, n, m), rows.dtype) if spec.keeps_slope else None
         _core.twolayer.forward_saving(rows, Wn, bn, an, spec.config, F, S, D1)
         ctx.save_for_backward(X, W, b, a, torch.from_numpy(S), None if D1 is None else torch.from_numpy(D1))
-        ctx.spec, ctx.arrays = spec, (rows, Wn, bn, an)
+        ctx.spec = spec
         return torch.from_numpy(F.reshape(*X.shape[:-1], k) if single else F)
 
     @staticmethod
@@ -170,7 +177,7 @@ class _SavingTwoLayerFunction(torch.autograd.Function):
         X, W, b, a, S, D1 = ctx.saved_tensors
         if torch.is_grad_enabled() or not _plain(grad_F):
             return (*_differentiable_backward(ctx.spec, X, W, b, a, grad_F), None)
-        rows, Wn, bn, an = ctx.arrays
+        rows, Wn, bn, an = _SavingTwoLayerFunction._arrays(X, W, b, a)
         (E, n, _), k = S.shape, an.shape[1]
         dW, da = np.empty_like(Wn), np.empty_like(an)
         db = None if bn is None else np.empty_like(bn)
