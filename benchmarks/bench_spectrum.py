@@ -23,6 +23,7 @@ torch.func tutorial's per-sample recipe, vmap(jacrev) over all n samples at once
 net the analytic physai.twolayer.ntk.empirical_ntk (no Jacobian).
 """
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -131,15 +132,18 @@ def two_layer_pyhessian(torch, benchmark, two_layer, k):
     record(benchmark, values, exact[:k], hvps)
 
 
+def physai_top_k(benchmark, solve, exact, k, certified, **pedantic):
+    """Time ``solve(**options)`` (physai's top-k eigenvalues): at its certified stop, or with the smallest HVP budget
+    within GOAL_ACCURACY (``smallest_budget``); ``pedantic`` timing options, or pytest-benchmark's own rounds."""
+    options = {} if certified else dict(max_matvecs=smallest_budget(lambda budget: solve(max_matvecs=budget), exact, k))
+    result = benchmark.pedantic(solve, kwargs=options, **pedantic) if pedantic else benchmark(solve, **options)
+    assert result.converged.all() or not certified
+    record(benchmark, result.values[0], exact[:k], result.matvecs[0])
+
+
 def two_layer_physai(benchmark, two_layer, k, certified=False):
     module, X, y, exact = two_layer
-    if certified:
-        result = benchmark(module.hessian_eigs, X, y, k=k, tol=1e-3)
-        assert result.converged.all()
-    else:
-        budget = smallest_budget(lambda budget: module.hessian_eigs(X, y, k=k, tol=1e-3, max_matvecs=budget), exact, k)
-        result = benchmark(module.hessian_eigs, X, y, k=k, tol=1e-3, max_matvecs=budget)
-    record(benchmark, result.values[0], exact[:k], result.matvecs[0])
+    physai_top_k(benchmark, functools.partial(module.hessian_eigs, X, y, k=k, tol=1e-3), exact, k, certified)
 
 
 def test_top1_two_layer_pyhessian(benchmark, torch, two_layer):
@@ -199,13 +203,8 @@ def cnn_physai(benchmark, cnn, k, certified=False):
     from physai.spectrum import hessian_eigs
 
     model, loss_fn, X, y, exact = cnn
-    options = dict(k=k)
-    if not certified:
-        options["max_matvecs"] = smallest_budget(lambda budget: hessian_eigs(model, loss_fn, (X, y), k=k,
-                                                                             max_matvecs=budget), exact, k)
-    result = benchmark.pedantic(hessian_eigs, (model, loss_fn, (X, y)), options, rounds=3, iterations=1)
-    assert result.converged.all() or not certified
-    record(benchmark, result.values[0], exact[:k], result.matvecs[0])
+    physai_top_k(benchmark, functools.partial(hessian_eigs, model, loss_fn, (X, y), k=k), exact, k, certified,
+                 rounds=3, iterations=1)
 
 
 def test_top1_cnn_pyhessian(benchmark, torch, cnn):
