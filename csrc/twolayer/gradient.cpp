@@ -50,6 +50,14 @@ T loss_tile(const Net<T>& net, int64_t e, Loss loss, const T* S_t, const T* Y_t,
 
 namespace {
 
+// One member's gradients of an empty sum (no rows).
+template <class T>
+void zero_gradients(const Net<T>& net, T* dW, T* db, T* da) {
+  std::fill(dW, dW + net.m * net.d, T(0));
+  if (db) std::fill(db, db + net.m, T(0));
+  std::fill(da, da + net.k * net.m, T(0));
+}
+
 // Backward of one tile given its output gradients G_t [rows, k]: accumulates da, dW, db (beta = 0 on the first tile)
 // and writes dX_t. S holds sigma(Z) and D1 sigma'(Z) of the tile; D1 is overwritten with dZ.
 template <class T>
@@ -86,11 +94,7 @@ void member_backward(const Net<T>& net, int64_t e, T* dW, T* db, T* da, T* dX, b
     backward_tile(net, e, X + r0 * d, rows, S.get(), D1.get(), G_t, r0 == 0, dW, db, da,
                   dX ? dX + r0 * d : static_cast<T*>(nullptr), parallel);
   }
-  if (n == 0) {  // no tile ran: the gradients of an empty sum
-    std::fill(dW, dW + m * d, T(0));
-    if (db) std::fill(db, db + m, T(0));
-    std::fill(da, da + k * m, T(0));
-  }
+  if (n == 0) zero_gradients(net, dW, db, da);  // no tile ran
 }
 
 // Outputs [n, k] of one member (or a view of some of its rows).
@@ -227,11 +231,7 @@ void member_backward_saved(const Net<T>& net, int64_t e, const T* G, const T* S,
                        T(0), dX + r0 * d, d);
     });
   }
-  if (n == 0) {  // no step ran: the gradients of an empty sum
-    std::fill(dW, dW + m * d, T(0));
-    if (db) std::fill(db, db + m, T(0));
-    std::fill(da, da + k * m, T(0));
-  }
+  if (n == 0) zero_gradients(net, dW, db, da);  // no step ran
 }
 
 }  // namespace
