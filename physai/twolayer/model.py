@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from physai import _core
 from physai._checks import (MAX_INT64, as_array, check_array, check_choice, check_dtype, check_float, check_int, check_seed,
                             check_v0)
+from physai._records import ArrayRecord
 from physai.twolayer.params import ACTIVATIONS, PARAMETERIZATIONS, activation_code, loss_code, scaling
 
 
 @dataclass
-class Trajectory:
+class Trajectory(ArrayRecord):
     """What ``TwoLayer.train`` returns: losses [steps, E]; sharpness [T, E] at sharpness_steps [T] with the
     Hessian-vector products each estimate took, matvecs [T, E] (T = 0 when not tracked)."""
 
@@ -28,16 +29,6 @@ class Trajectory:
         the rates beyond the edge of stability). Losses are recorded before each update, so a member that breaks
         on the very last update shows only in its parameters."""
         return ~np.isfinite(self.losses).all(axis=0)
-
-    def save(self, path) -> None:
-        """Write the arrays to ``path``, a ``.npz`` (bit for bit)."""
-        np.savez(path, **{field.name: getattr(self, field.name) for field in fields(self)})
-
-    @classmethod
-    def load(cls, path) -> "Trajectory":
-        """The trajectory ``save`` wrote to ``path``."""
-        with np.load(path, allow_pickle=False) as data:
-            return cls(**{field.name: data[field.name] for field in fields(cls)})
 
 
 class HessianOperator:

@@ -23,12 +23,13 @@ among D: X [D, n, d] ([n, d] for one), y [D, n] ([n]). float64 throughout. numpy
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from physai import _core
 from physai._checks import as_array, check_array
+from physai._records import ArrayRecord
 
 
 def _data(X, y):
@@ -105,7 +106,7 @@ def loss_grad_hessian(X, y, a_plus, a_minus, b, dataset=None):
 
 
 @dataclass
-class SharedBiasRun:
+class SharedBiasRun(ArrayRecord):
     """What ``train`` returns: the final a_plus, a_minus, b [E]; the records taken before step record_steps [K, E]
     (int64; a member's own steps count after its last update): loss [K, E], params [K, E, 3] (a+, a-, b),
     hessian [K, E, 3, 3]."""
@@ -125,16 +126,6 @@ class SharedBiasRun:
         top = np.full(self.loss.shape, np.nan)
         top[finite] = np.linalg.eigvalsh(self.hessian[finite])[..., -1]
         return top
-
-    def save(self, path) -> None:
-        """Write the arrays to ``path``, a ``.npz`` (bit for bit)."""
-        np.savez(path, **{field.name: getattr(self, field.name) for field in fields(self)})
-
-    @classmethod
-    def load(cls, path) -> "SharedBiasRun":
-        """The run ``save`` wrote to ``path``."""
-        with np.load(path, allow_pickle=False) as data:
-            return cls(**{field.name: data[field.name] for field in fields(cls)})
 
 
 def train(X, y, a_plus, a_minus, b, lr, steps, record_steps=None, dataset=None) -> SharedBiasRun:
