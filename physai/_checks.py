@@ -104,6 +104,15 @@ def as_array(x, name: str, dtype) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=dtype)
 
 
+def as_integer_array(x, name: str) -> np.ndarray:
+    """``x`` as a C-contiguous int64 array (``as_array``), refusing non-integer dtypes (float, bool, complex) with a
+    TypeError naming the argument rather than truncating them."""
+    array = np.asarray(x)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integers, got dtype {array.dtype}")
+    return as_array(array, name, np.int64)
+
+
 def check_v0(v0, batch: int, n: int, dtype: np.dtype):
     """A warm start for ``batch`` eigensolvers of size ``n``: None, or real values [batch, n] ([n] for batch 1),
     each row finite and nonzero (at any scale); returned C-contiguous in ``dtype``."""

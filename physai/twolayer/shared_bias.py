@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from physai import _core
-from physai._checks import as_array, check_array
+from physai._checks import as_array, as_integer_array, check_array
 from physai._records import ArrayRecord
 
 
@@ -47,13 +47,6 @@ def _data(X, y):
     if not np.isin(y, (-1.0, 1.0)).all():
         raise ValueError("y: expected labels -1 or +1 (the logistic loss of y f); map 0/1 labels with 2 y - 1")
     return X, y
-
-
-def _integers(x, name: str) -> np.ndarray:
-    array = np.asarray(x)
-    if array.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected integers, got dtype {array.dtype}")
-    return as_array(array, name, np.int64)
 
 
 def _parameters(a_plus, a_minus, b, finite: bool = True):
@@ -75,7 +68,7 @@ def _members(a_plus, a_minus, b, dataset, D: int):
         if D != 1:
             raise ValueError(f"dataset: required with D = {D} data sets (which one each member trains on)")
         dataset = np.zeros(E, np.int64)
-    dataset = check_array(_integers(dataset, "dataset"), "dataset", shape=(E,))
+    dataset = check_array(as_integer_array(dataset, "dataset"), "dataset", shape=(E,))
     if E and (dataset.min() < 0 or dataset.max() >= D):
         raise ValueError(f"dataset: expected indices in [0, {D}), got {dataset.min()}..{dataset.max()}")
     # copies: the kernel updates the parameters in place
@@ -146,12 +139,12 @@ def train(X, y, a_plus, a_minus, b, lr, steps, record_steps=None, dataset=None) 
     lr = check_array(as_array(lr, "lr", np.float64), "lr", shape=(E,))
     if not (np.isfinite(lr).all() and (lr > 0).all()):
         raise ValueError("lr: expected finite positive learning rates")
-    steps = check_array(_integers(steps, "steps"), "steps", shape=(E,))
+    steps = check_array(as_integer_array(steps, "steps"), "steps", shape=(E,))
     if (steps < 0).any():
         raise ValueError("steps: expected counts >= 0")
     if record_steps is None:
         record_steps = np.stack([np.zeros(E, np.int64), steps])
-    record_steps = check_array(_integers(record_steps, "record_steps"), "record_steps", shape=(None, E))
+    record_steps = check_array(as_integer_array(record_steps, "record_steps"), "record_steps", shape=(None, E))
     if ((record_steps < 0) | (record_steps > steps)).any():
         raise ValueError("record_steps: expected every step in [0, steps] of its member")
     loss, params, hessian = _core.twolayer.shared_bias_train(X, y, a_plus, a_minus, b, dataset, lr, steps,
