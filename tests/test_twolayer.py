@@ -89,6 +89,30 @@ def test_vector_widths_match_reference(dtype, width, k, members, loss):
     check_against_reference(net, X, Y, v, loss)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("width", range(4))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_tanh_single_output_matches_reference(dtype, width, loss, bias):
+    # tanh with one output: the HVP's row pass recomputes sigma' and sigma'' from S instead of reading their caches.
+    net, X, Y, v = make_problem("tanh", loss, "standard", dtype, E=2, n=45, d=11, m=vector_widths(dtype)[width], k=1,
+                                bias=bias)
+    check_against_reference(net, X, Y, v, loss)
+
+
+@pytest.mark.parametrize("k", [1, 3, 12])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_forward_and_saving_forward_give_the_same_outputs(dtype, k):
+    # The outputs are summed alike on every path (csrc/twolayer/rows.hpp: output_layer_rows), whatever the block of
+    # rows an output falls in: 45 rows are 5 blocks of 8, then 4 + 1 rows.
+    net, X, _, _ = make_problem("tanh", "mse", "standard", dtype, E=2, n=45, d=11, m=37, k=k)
+    p = net.reference_params()
+    config = _core.twolayer.Config(p.input_scale, p.output_scale, _core.twolayer.Activation.tanh)
+    F, S = np.empty((2, 45, k), dtype), np.empty((2, 45, 37), dtype)
+    _core.twolayer.forward_saving(X, p.W, p.b, p.a, config, F, S, None)
+    np.testing.assert_array_equal(net.forward(X), F)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_native_tanh_is_accurate(dtype):
     # One unit with W = a = 1: the outputs are tanh of the inputs themselves, over a wide grid, against long-double
@@ -168,20 +192,24 @@ def assert_same_bits_for_any_thread_count(compute):
 
 
 def kernel_paths():
-    """(E, n, m) of a lone small member (parallel row blocks), a lone large one (each GEMM split into fixed blocks,
-    row-parallel loops: work n m (d + k) just above blocked_work at d = 33, k = 2) and an ensemble
-    (member-parallel)."""
-    m_large = 480
-    return {"lone-row-blocks": (1, 700, 300),
-            "lone-split-gemms": (1, SCHEDULE["blocked_work"] // (m_large * 35) + 1, m_large),
-            "ensemble": (5, 300, 40)}
+    """(E, n, d, m) of a lone small member (parallel row blocks), a lone large one (each GEMM split into fixed blocks,
+    row-parallel loops: work n m (d + k) just above blocked_work at d = 33, k = 2), a lone wide one (GEMMs whose
+    shared operand d m, n d has gemm_wide_operand elements or more, split into blocks of gemm_wide_block rows: two
+    full blocks and a short one of the n rows) and an ensemble (member-parallel)."""
+    m_large, d_wide, m_wide = 480, 256, 1024
+    n_wide = 2 * SCHEDULE["gemm_wide_block"] + 44
+    assert d_wide * m_wide >= SCHEDULE["gemm_wide_operand"] and SCHEDULE["tile_values"] // m_wide >= n_wide
+    return {"lone-row-blocks": (1, 700, 33, 300),
+            "lone-split-gemms": (1, SCHEDULE["blocked_work"] // (m_large * 35) + 1, 33, m_large),
+            "lone-wide-gemms": (1, n_wide, d_wide, m_wide),
+            "ensemble": (5, 300, 33, 40)}
 
 
 @pytest.mark.parametrize("path", kernel_paths())
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_kernels_do_not_depend_on_thread_count(dtype, path):
-    E, n, m = kernel_paths()[path]
-    net, X, Y, v = make_problem("gelu", "mse", "ntk", dtype, E=E, n=n, d=33, m=m, k=2)
+    E, n, d, m = kernel_paths()[path]
+    net, X, Y, v = make_problem("gelu", "mse", "ntk", dtype, E=E, n=n, d=d, m=m, k=2)
 
     def compute():
         value, grads = net.loss_and_grad(X, Y)

@@ -405,6 +405,45 @@ def test_saved_kernels_do_not_depend_on_thread_count(activation, shape, want_dX)
             np.testing.assert_array_equal(x, y, err_msg=f"result {i}, 1 vs {threads} threads")
 
 
+def wide_saved_problem(activation, dtype, bias=True):
+    """A wide layer (m d >= gemm_wide_operand), whose backward runs blocks of wide_saved_rows rows, each with its own
+    gradients, summed in block order: two full blocks and a short one."""
+    schedule = _core.twolayer.schedule
+    n, d, m = 2 * schedule["wide_saved_rows"] + 44, 256, 1024
+    assert d * m >= schedule["gemm_wide_operand"]
+    return saved_problem(activation, dtype, 1, n, m, True, bias, d=d)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("activation", ["tanh", "gelu"])  # sigma' read off S, and kept
+def test_wide_saved_backward_matches_the_twin(activation, bias):
+    # float32 against a float64 truth (a long-double one at this size takes minutes)
+    p, X, G = wide_saved_problem(activation, np.float32, bias)
+    pt = p._replace(W=p.W.astype(np.float64), b=None if p.b is None else p.b.astype(np.float64),
+                    a=p.a.astype(np.float64))
+    Xt, Gt = X.astype(np.float64), G.astype(np.float64)
+    F, S, D1 = native_saving(p, X)
+    twin, truth = R.forward_saving(p, X), R.forward_saving(pt, Xt)
+    assert_as_accurate_as_reference((F, S, D1), twin, truth, np.float32, f"{activation} wide forward_saving")
+    grads = native_saved_backward(p, X, G, S, D1, True)
+    assert_as_accurate_as_reference(grads, R.backward_saved(p, X, G, *twin[1:]),
+                                    R.backward_saved(pt, Xt, Gt, *truth[1:]), np.float32,
+                                    f"{activation} wide backward_saved")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_wide_saved_kernels_do_not_depend_on_thread_count(dtype):
+    p, X, G = wide_saved_problem("gelu", dtype)
+    results = []
+    for threads in (1, 2, 3):
+        with physai.num_threads(threads):
+            F, S, D1 = native_saving(p, X)
+            results.append([F, S, D1, *native_saved_backward(p, X, G, S, D1, True)])
+    for threads, other in zip((2, 3), results[1:]):
+        for i, (x, y) in enumerate(zip(results[0], other)):
+            np.testing.assert_array_equal(x, y, err_msg=f"result {i}, 1 vs {threads} threads")
+
+
 def test_saved_kernels_refuse_bad_arguments():
     p, X, G = saved_problem("relu", np.float32, 1, 10, 6)
     F, S, _ = native_saving(p, X)

@@ -322,6 +322,10 @@ void bind_twolayer(py::module_& m) {
   schedule["parallel_work"] = tl::detail::kParallelWork;
   schedule["blocked_work"] = tl::detail::kBlockedWork;
   schedule["gemm_block"] = physai::gemm::kBlock;
+  schedule["gemm_wide_block"] = physai::gemm::kWideBlock;
+  schedule["gemm_wide_operand"] = physai::gemm::kWideOperand;
+  schedule["tile_values"] = tl::detail::kTileValues;
+  schedule["wide_saved_rows"] = tl::detail::kWideSavedRows;
   schedule["small_dim"] = physai::gemm::kSmallDim;
   m.attr("schedule") = schedule;
 

@@ -1,13 +1,15 @@
 // Deterministic GEMM for the kernels: C = alpha op(A) op(B) + beta C, row-major, cut into fixed blocks of rows (or
 // columns) that may run in parallel. Blocks whose smallest dimension is tiny (the k outputs of a network) run the
-// plain-loop small GEMM below, which beats a BLAS call there; the others call BLAS, single-threaded (set once when
-// the module loads): OpenBLAS's own threading changes the rounding of some shapes with the thread count. The cut
-// depends only on the shapes, so the bits never depend on the thread count.
+// plain-loop small GEMM below, which beats a BLAS call there; small widths run the register-blocked micro-kernels
+// (microkernel.hpp), which skip BLAS's packing; the others call BLAS, single-threaded (set once when the module
+// loads): OpenBLAS's own threading changes the rounding of some shapes with the thread count. The cut depends only
+// on the shapes, so the bits never depend on the thread count.
 #pragma once
 #include <algorithm>
 #include <cstdint>
 
 #include "common/blas.hpp"
+#include "common/microkernel.hpp"
 #include "common/threading.hpp"
 
 namespace physai::gemm {
@@ -18,6 +20,11 @@ using blas::Trans;
 constexpr int64_t kSmallDim = 8;
 // Rows (or columns) of C per block of a split GEMM.
 constexpr int64_t kBlock = 64;
+// Blocks of a product whose operand read whole by every block (B for row blocks, A for column blocks) has at least
+// kWideOperand elements are kWideBlock long: each block's BLAS call packs that operand again, which at 64 rows cost
+// ~18% of the large two-layer loss + grad (n = 4096, d = m = 1024) in OpenBLAS's copy routines (perf, measured).
+constexpr int64_t kWideBlock = 512;
+constexpr int64_t kWideOperand = int64_t(1) << 18;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Small GEMM: plain loops, cloned for AVX-512 and AVX2/FMA (gemm.cpp)
@@ -32,29 +39,33 @@ void small_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, double alph
 // One block, then the blocked product
 // ---------------------------------------------------------------------------------------------------------------
 
+// One block: the plain loops when a dimension is tiny, the micro-kernels (microkernel.hpp) for the small products
+// they take, BLAS for the others.
 template <class T>
 void block_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
                 int64_t ldb, T beta, T* C, int64_t ldc) {
   if (std::min({M, N, K}) <= kSmallDim)
     small_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  else
+  else if (!micro_fits(ta, tb, N, K) || !micro_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc))
     blas::gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-// C = alpha op(A) op(B) + beta C in blocks of kBlock rows of C (or columns, when C is wide and short), run in
-// parallel when `parallel`.
+// C = alpha op(A) op(B) + beta C in blocks of kBlock (or kWideBlock) rows of C, or columns when C is wide and short,
+// run in parallel when `parallel`.
 template <class T>
 void gemm(bool parallel, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M >= N) {
-    over_rows((M + kBlock - 1) / kBlock, parallel, [&](int64_t block) {
-      const int64_t i0 = block * kBlock, rows = std::min(kBlock, M - i0);
+    const int64_t size = K * N >= kWideOperand ? kWideBlock : kBlock;
+    over_rows((M + size - 1) / size, parallel, [&](int64_t block) {
+      const int64_t i0 = block * size, rows = std::min(size, M - i0);
       const T* A_block = ta == Trans::No ? A + i0 * lda : A + i0;
       block_gemm(ta, tb, rows, N, K, alpha, A_block, lda, B, ldb, beta, C + i0 * ldc, ldc);
     });
   } else {
-    over_rows((N + kBlock - 1) / kBlock, parallel, [&](int64_t block) {
-      const int64_t j0 = block * kBlock, cols = std::min(kBlock, N - j0);
+    const int64_t size = M * K >= kWideOperand ? kWideBlock : kBlock;
+    over_rows((N + size - 1) / size, parallel, [&](int64_t block) {
+      const int64_t j0 = block * size, cols = std::min(size, N - j0);
       const T* B_block = tb == Trans::No ? B + j0 : B + j0 * ldb;
       block_gemm(ta, tb, M, cols, K, alpha, A, lda, B_block, ldb, beta, C + j0, ldc);
     });

@@ -77,6 +77,25 @@ PHYSAI_INLINE T dot(int64_t K, const T* a, const T* b) {
   return fold(even + odd);
 }
 
+// The sum of a[0..K) in the order of dot (the same two vectors of partial sums and fold).
+template <class T>
+PHYSAI_INLINE T sum(int64_t K, const T* a) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t lanes = Vec<T>::lanes;
+  V even = {}, odd = {};
+  int64_t l = 0;
+  for (; l + 2 * lanes <= K; l += 2 * lanes) {
+    even += load<V>(a + l);
+    odd += load<V>(a + l + lanes);
+  }
+  if (l + lanes <= K) {
+    even += load<V>(a + l);
+    l += lanes;
+  }
+  for (int64_t q = 0; l + q < K; ++q) odd[q] += a[l + q];
+  return fold(even + odd);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Combinations of rows (a short sum over rows for every column)
 // ---------------------------------------------------------------------------------------------------------------

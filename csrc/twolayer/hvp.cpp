@@ -37,6 +37,7 @@ using simd::store;
 template <class T>
 struct RRows {
   Loss loss;
+  bool tanh;  // the single-output pass recomputes sigma' and sigma'' from S rather than reading their caches
   int64_t m, k;
   T os, scale;
   const T *vb, *a, *va;            // direction's bias part, output weights, direction's output part
@@ -46,51 +47,39 @@ struct RRows {
 
 // r_rows for one output (regression, binary logistic): R{S} and both output dot products in one pass over the row,
 // the backward in a second, where k dot products and a combination over k would take four passes and two folds.
-// At small widths the per-row work, not the arithmetic, is what an HVP's row pass costs.
-template <class T>
+// At small widths the per-row work, not the arithmetic, is what an HVP's row pass costs. Tanh: sigma' = 1 - S^2 and
+// sigma'' = -2 S sigma' from S alone, rather than from the caches of sigma' and dS sigma'': an ensemble's caches do
+// not fit in cache, and the recomputation costs fewer operations than the loads.
+template <bool Tanh, class T>
 PHYSAI_INLINE void r_rows_single_output(const RRows<T>& p, int64_t r0, int64_t rows) {
-  using V = typename simd::Vec<T>::type;
-  constexpr int64_t lanes = simd::Vec<T>::lanes;
   const int64_t m = p.m;
   const T os = p.os, *vb = p.vb, *a = p.a, *va = p.va;
   for (int64_t r = r0; r < r0 + rows; ++r) {
     T *RZ = p.RZ + r * m, *RS = p.RS + r * m, *RdZ = p.RdZ + r * m;
     const T *S = p.S + r * m, *D1 = p.D1 + r * m, *dS_D2 = p.dS_D2 + r * m;
-    // R{Z} += vb and R{S} = sigma' R{Z} at column q (a V of columns, or one T), returning its share of a R{S} + va S.
-    // Inlined by force: a lambda is not cloned with its caller, and a call from the AVX clone into a baseline-ISA
-    // lambda would pass the vector under another ABI.
-    auto forward = [&](int64_t q, auto lanes_of) __attribute__((always_inline)) {
-      using U = decltype(lanes_of);
-      U z = load<U>(RZ + q);
-      if (vb) z += load<U>(vb + q);
-      const U s = load<U>(D1 + q) * z;
-      store(RZ + q, z);
-      store(RS + q, s);
-      return s * load<U>(a + q) + load<U>(S + q) * load<U>(va + q);
-    };
-    V even = {}, odd = {};  // alternate vectors, so consecutive additions do not wait on each other
-    int64_t q = 0;
-    for (; q + 2 * lanes <= m; q += 2 * lanes) {
-      even += forward(q, V{});
-      odd += forward(q + lanes, V{});
+    // Plain loops over the row (vectorised at the clone's full width), the terms of R{F} parked in RdZ's row until
+    // the backward overwrites it, and summed in a fixed order there.
+#pragma omp simd
+    for (int64_t q = 0; q < m; ++q) {
+      if (vb) RZ[q] += vb[q];
+      const T t = S[q], slope = Tanh ? T(1) - t * t : D1[q];
+      RS[q] = slope * RZ[q];
+      RdZ[q] = RS[q] * a[q] + t * va[q];
     }
-    if (q + lanes <= m) {
-      even += forward(q, V{});
-      q += lanes;
-    }
-    T tail = T(0);
-    for (; q < m; ++q) tail += forward(q, T{});
-    p.RF[r] = os * (simd::fold(even + odd) + tail);
+    p.RF[r] = os * simd::sum(m, RdZ);
     loss_row_hessian(p.loss, p.F + r, p.Y + r, 1, p.scale, p.RF + r, p.RG + r);
     const T RG = p.RG[r], G = p.G[r];
-    auto backward = [&](int64_t c, auto lanes_of) __attribute__((always_inline)) {
-      using U = decltype(lanes_of);
-      const U RdS = RG * load<U>(a + c) + G * load<U>(va + c);
-      store(RdZ + c, os * RdS * load<U>(D1 + c) + load<U>(dS_D2 + c) * load<U>(RZ + c));
-    };
-    q = 0;
-    for (; q + lanes <= m; q += lanes) backward(q, V{});
-    for (; q < m; ++q) backward(q, T{});
+#pragma omp simd
+    for (int64_t q = 0; q < m; ++q) {
+      const T RdS = RG * a[q] + G * va[q];
+      if constexpr (Tanh) {
+        // os sigma' (R{dS} + (sigma''/sigma') dS R{Z}/os), sigma''/sigma' = -2 S: fewer products than the two terms
+        const T t = S[q];
+        RdZ[q] = (os * (T(1) - t * t)) * (RdS - T(2) * ((t * (G * a[q])) * RZ[q]));
+      } else {
+        RdZ[q] = os * RdS * D1[q] + dS_D2[q] * RZ[q];
+      }
+    }
   }
 }
 
@@ -98,7 +87,8 @@ PHYSAI_INLINE void r_rows_single_output(const RRows<T>& p, int64_t r0, int64_t r
 // R{G} = H_f R{F}; R{dZ} = os (R{G} a + G va) sigma' + dS sigma'' R{Z}.
 template <class T>
 PHYSAI_INLINE void r_rows_impl(const RRows<T>& p, int64_t r0, int64_t rows) {
-  if (p.k == 1) return r_rows_single_output(p, r0, rows);
+  if (p.k == 1)
+    return p.tanh ? r_rows_single_output<true>(p, r0, rows) : r_rows_single_output<false>(p, r0, rows);
   // Fields copied to locals: stores through the row pointers could otherwise alias them, forcing reloads.
   const int64_t m = p.m, k = p.k;
   const T os = p.os, *vb = p.vb, *a = p.a, *va = p.va;
@@ -189,7 +179,7 @@ void HessianOperator<T>::apply_rows(int64_t e, int64_t row_begin, int64_t row_en
     const T *X_t = X + r0 * d, *S_t = S + r0 * m, *G_t = G + r0 * k;
     // R{Z} = input_scale X vW^T (+ vb in the row pass)
     gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, vW, d, T(0), RZ.get(), m);
-    const RRows<T> pass{targets_.loss, m,        k,        os,       scale,    vb,       a,
+    const RRows<T> pass{targets_.loss, net.activation == Activation::Tanh, m, k, os, scale, vb, a,
                         va,           S_t,      D1 + r0 * m, dS_D2 + r0 * m, F + r0 * k, Y + r0 * k, G_t,
                         RZ.get(),     RS.get(), RF.get(), RG.get(), RdZ.get()};
     over_row_tasks(rows, parallel, [&](int64_t q0, int64_t count) { r_rows(pass, q0, count); });

@@ -68,30 +68,6 @@ void activate_rows(Activation act, int64_t rows, int64_t m, double* z, const dou
 
 namespace {
 
-template <class T>
-PHYSAI_INLINE void output_rows_impl(Loss loss, int64_t rows, int64_t m, int64_t k, T os, const T* S, const T* a,
-                                    const T* Y, T scale, T* F, T* G, T* row_loss) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < k; ++j) F[r * k + j] = os * simd::dot(m, S + r * m, a + j * m);
-    row_loss[r] = loss_row(loss, F + r * k, Y + r * k, k, scale, G + r * k);
-  }
-}
-
-}  // namespace
-
-PHYSAI_VECTOR_CLONES void output_rows(Loss loss, int64_t rows, int64_t m, int64_t k, float os, const float* S,
-                                      const float* a, const float* Y, float scale, float* F, float* G,
-                                      float* row_loss) {
-  output_rows_impl(loss, rows, m, k, os, S, a, Y, scale, F, G, row_loss);
-}
-PHYSAI_VECTOR_CLONES void output_rows(Loss loss, int64_t rows, int64_t m, int64_t k, double os, const double* S,
-                                      const double* a, const double* Y, double scale, double* F, double* G,
-                                      double* row_loss) {
-  output_rows_impl(loss, rows, m, k, os, S, a, Y, scale, F, G, row_loss);
-}
-
-namespace {
-
 // The sum of a vector's lanes by neighbouring pairs, then pairs of those: ((v0+v1)+(v2+v3))+((v4+v5)+(v6+v7)) for
 // 8 lanes, (v0+v1)+(v2+v3) for 4. fold_each computes it for `lanes` vectors at once (one result per lane) in the same
 // order, so a sum gives the same bits whichever of the two folds it.
@@ -138,6 +114,11 @@ PHYSAI_INLINE void output_layer_block(int64_t m, int64_t k, T os, const T* S, co
       for (int r = 0; r < R; ++r) sum[r * J + j] += s[r] * w;
     }
   }
+  if constexpr (R * J == lanes)
+    if (q == m && J == k) {  // no columns left over, and the block's outputs are contiguous in F
+      store(F, os * fold_each(sum));
+      return;
+    }
   T total[R * J];
   int i = 0;
   for (; i + lanes <= R * J; i += lanes) store(total + i, fold_each(sum + i));
@@ -185,6 +166,44 @@ PHYSAI_VECTOR_CLONES void output_layer_rows(int64_t rows, int64_t m, int64_t k, 
   output_layer_rows_impl(rows, m, k, os, S, a, F);
 }
 
+namespace {
+
+// The loss of every row, its switch decided once for all of them.
+template <Loss L, class T>
+PHYSAI_INLINE void loss_rows(int64_t rows, int64_t k, const T* F, const T* Y, T scale, T* G, T* row_loss) {
+  if (k == 1) {  // the same expressions with k known, which vectorise across rows (those without calls)
+#pragma omp simd
+    for (int64_t r = 0; r < rows; ++r) row_loss[r] = loss_row(L, F + r, Y + r, 1, scale, G + r);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) row_loss[r] = loss_row(L, F + r * k, Y + r * k, k, scale, G + r * k);
+}
+
+// F as output_layer_rows computes it (so every path that computes an output gives the same bits), then the losses.
+template <class T>
+PHYSAI_INLINE void output_rows_impl(Loss loss, int64_t rows, int64_t m, int64_t k, T os, const T* S, const T* a,
+                                    const T* Y, T scale, T* F, T* G, T* row_loss) {
+  output_layer_rows_impl(rows, m, k, os, S, a, F);
+  switch (loss) {
+    case Loss::Mse: return loss_rows<Loss::Mse>(rows, k, F, Y, scale, G, row_loss);
+    case Loss::Logistic: return loss_rows<Loss::Logistic>(rows, k, F, Y, scale, G, row_loss);
+    case Loss::CrossEntropy: return loss_rows<Loss::CrossEntropy>(rows, k, F, Y, scale, G, row_loss);
+  }
+}
+
+}  // namespace
+
+PHYSAI_VECTOR_CLONES void output_rows(Loss loss, int64_t rows, int64_t m, int64_t k, float os, const float* S,
+                                      const float* a, const float* Y, float scale, float* F, float* G,
+                                      float* row_loss) {
+  output_rows_impl(loss, rows, m, k, os, S, a, Y, scale, F, G, row_loss);
+}
+PHYSAI_VECTOR_CLONES void output_rows(Loss loss, int64_t rows, int64_t m, int64_t k, double os, const double* S,
+                                      const double* a, const double* Y, double scale, double* F, double* G,
+                                      double* row_loss) {
+  output_rows_impl(loss, rows, m, k, os, S, a, Y, scale, F, G, row_loss);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Backward into the hidden layer
 // ---------------------------------------------------------------------------------------------------------------
@@ -194,6 +213,28 @@ namespace {
 template <class T>
 PHYSAI_INLINE void backprop_rows_impl(int64_t rows, int64_t m, int64_t k, T os, const T* G, const T* a, const T* D1,
                                       T* dZ, T* D2) {
+  if (k == 1) {
+    // dS_r = os (G_r a): a product, not a sum, so a row is one vectorised loop; the sum's per-row setup is what the
+    // general path costs on rows of 32-64 values. dZ may be D1: each element is read before it is written.
+    for (int64_t r = 0; r < rows; ++r) {
+      const T g = G[r];
+      const T* d1 = D1 + r * m;
+      T* dz = dZ + r * m;
+      if (D2) {
+        T* d2 = D2 + r * m;
+#pragma omp simd
+        for (int64_t q = 0; q < m; ++q) {
+          const T dS = os * (g * a[q]);
+          dz[q] = d1[q] * dS;
+          d2[q] *= dS;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t q = 0; q < m; ++q) dz[q] = d1[q] * (os * (g * a[q]));
+      }
+    }
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const T* d1 = D1 + r * m;
     T *dz = dZ + r * m, *d2 = D2 ? D2 + r * m : nullptr;

@@ -14,8 +14,8 @@ namespace physai::twolayer::detail {
 void activate_rows(Activation act, int64_t rows, int64_t m, float* z, const float* b, float* D1, float* D2);
 void activate_rows(Activation act, int64_t rows, int64_t m, double* z, const double* b, double* D1, double* D2);
 
-// The output layer, one row at a time: F_r = os a S_r (k dot products), then the loss row, which writes G_r (already
-// scaled for the mean) and returns the row's loss into row_loss.
+// The output layer and the loss: F = os S a^T, summed as output_layer_rows sums it (so the outputs have the same bits
+// on every path), then each row's loss term, which writes G_r (already scaled for the mean) into row_loss[r].
 void output_rows(Loss loss, int64_t rows, int64_t m, int64_t k, float os, const float* S, const float* a,
                  const float* Y, float scale, float* F, float* G, float* row_loss);
 void output_rows(Loss loss, int64_t rows, int64_t m, int64_t k, double os, const double* S, const double* a,

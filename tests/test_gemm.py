@@ -1,0 +1,113 @@
+"""The GEMMs inside the two-layer kernels (csrc/common/gemm.hpp, microkernel.cpp), reached through the kernels that
+call them: the pre-activation product X W^T (A B^T), the weight gradient dZ^T X (A^T B) and the input gradient dZ W
+(A B), at widths that run every register tile of the micro-kernels and every tail, against the numpy twin; the same
+bits whatever the thread count and whatever block of rows a row falls in."""
+import numpy as np
+import pytest
+from conftest import TRUTH_DTYPE, assert_as_accurate_as_reference, make_problem
+from hypothesis import given
+from hypothesis import strategies as st
+from test_twolayer import (
+    assert_same_bits_for_any_thread_count,
+    check_against_reference,
+    check_training_against_reference,
+)
+
+from physai import _core
+from physai.twolayer import reference as R
+
+DTYPES = [np.float32, np.float64]
+SCHEDULE = _core.twolayer.schedule
+VECTOR_BYTES = 64  # the micro-kernels' vector on AVX-512 CPUs (32 on AVX2 ones: these widths cover those too)
+
+
+def widths(dtype):
+    """Widths (of N or K) that run the micro-kernels' column blocks of 1, 2 + a partial vector, 3, and 4 + 3 + a
+    partial vector (AVX-512 vectors; AVX2 ones get blocks of 2, 1 and partial ones); the widest pairs make N K > 8192,
+    where X W^T goes to BLAS instead."""
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    return [lanes, 2 * lanes + 3, 3 * lanes, 7 * lanes + 5]
+
+
+# Rows of one member: a short block of 13 (a full register tile and a remainder, or tiles of 8, 4 and 1 rows); a full
+# block of gemm_block rows, then 13; three full blocks and a last one of small_dim rows, which goes to the plain loops.
+ROWS = [13, SCHEDULE["gemm_block"] + 13, 3 * SCHEDULE["gemm_block"] + SCHEDULE["small_dim"]]
+
+
+@pytest.mark.parametrize("m", range(4), ids=lambda i: f"m{i}")
+@pytest.mark.parametrize("d", range(4), ids=lambda i: f"d{i}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_tile_matches_reference(dtype, d, m):
+    d, m = widths(dtype)[d], widths(dtype)[m]
+    net, X, Y, v = make_problem("tanh", "mse", "standard", dtype, E=2, n=ROWS[1], d=d, m=m, k=1)
+    check_against_reference(net, X, Y, v, "mse", f"d={d} m={m}")
+
+
+@pytest.mark.parametrize("n", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_row_tails_match_reference(dtype, n):
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    net, X, Y, v = make_problem("softplus", "cross_entropy", "mup", dtype, E=2, n=n, d=lanes + 1, m=2 * lanes + 3, k=3)
+    check_against_reference(net, X, Y, v, "cross_entropy", f"n={n}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(256, 32, 64), (128, 16, 32)], ids=["ensemble-bench", "train-bench"])
+def test_benchmark_shapes_match_reference(shape, dtype):
+    n, d, m = shape
+    net, X, Y, v = make_problem("tanh", "mse", "standard", dtype, E=3, n=n, d=d, m=m, k=1)
+    check_against_reference(net, X, Y, v, "mse")
+    check_training_against_reference(net, X, Y, [0.05, 0.1, 0.2], 4, "mse")
+
+
+@pytest.mark.parametrize("want_dX", [False, True], ids=["no-dX", "dX"])
+@pytest.mark.parametrize("m", [1, 3], ids=lambda i: f"m{i}")
+@pytest.mark.parametrize("d", [1, 3], ids=lambda i: f"d{i}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_saved_backward_matches_reference(dtype, d, m, want_dX):
+    # The drop-in's backward: dW as one A^T B per column block of hidden units, dX = dZ W as A B (helpers from the
+    # torch tests, which skip without torch)
+    from test_twolayer_torch import native_saved_backward, native_saving, saved_problem
+
+    d, m = widths(dtype)[d], widths(dtype)[m]
+    p, X, G = saved_problem("gelu", dtype, 2, ROWS[1], m, d=d)
+    pt = p._replace(W=p.W.astype(TRUTH_DTYPE), b=p.b.astype(TRUTH_DTYPE), a=p.a.astype(TRUTH_DTYPE))
+    Xt, Gt = X.astype(TRUTH_DTYPE), G.astype(TRUTH_DTYPE)
+    F, S, D1 = native_saving(p, X)
+    twin, truth = R.forward_saving(p, X), R.forward_saving(pt, Xt)
+    assert_as_accurate_as_reference((F, S, D1), twin, truth, dtype, "forward_saving")
+    grads = native_saved_backward(p, X, G, S, D1, want_dX)
+    twin_grads = R.backward_saved(p, X, G, *twin[1:])
+    true_grads = R.backward_saved(pt, Xt, Gt, *truth[1:])
+    if not want_dX:
+        twin_grads, true_grads = twin_grads[:3] + (None,), true_grads[:3] + (None,)
+    assert_as_accurate_as_reference(grads, twin_grads, true_grads, dtype, "backward_saved")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_same_bits_for_any_thread_count(dtype):
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    net, X, Y, v = make_problem("gelu", "mse", "ntk", dtype, E=5, n=ROWS[2], d=2 * lanes + 3, m=3 * lanes, k=2)
+
+    def compute():
+        value, grads = net.loss_and_grad(X, Y)
+        return [net.forward(X), value, *grads, *net.hvp(X, Y, v)]
+
+    assert_same_bits_for_any_thread_count(compute)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_a_row_does_not_depend_on_its_block(dtype):
+    # Each element of X W^T is one chain of multiply-adds over d, whichever block and register tile computes it:
+    # the first rows of a batch give the same outputs alone (one short block) as in a longer batch (a full block).
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    net, X, _, _ = make_problem("tanh", "mse", "standard", dtype, E=2, n=ROWS[1] + 40, d=2 * lanes + 3, m=3 * lanes)
+    first = ROWS[0]
+    np.testing.assert_array_equal(net.forward(X[:first]), net.forward(X)[:, :first])
+
+
+@given(n=st.integers(0, 90), d=st.integers(1, 40), m=st.integers(1, 70), k=st.integers(1, 3),
+       dtype=st.sampled_from(DTYPES))
+def test_any_shape_matches_reference(n, d, m, k, dtype):
+    net, X, Y, v = make_problem("relu", "mse", "standard", dtype, E=2, n=n, d=d, m=m, k=k)
+    check_against_reference(net, X, Y, v, "mse", f"n={n} d={d} m={m} k={k}")
