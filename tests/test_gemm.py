@@ -110,4 +110,9 @@ def test_a_row_does_not_depend_on_its_block(dtype):
        dtype=st.sampled_from(DTYPES))
 def test_any_shape_matches_reference(n, d, m, k, dtype):
     net, X, Y, v = make_problem("relu", "mse", "standard", dtype, E=2, n=n, d=d, m=m, k=k)
+    # Targets away from the outputs: with F - Y near 0 the residual cancels, and one rounding of F (an ulp, in either
+    # the native code or the twin) becomes a relative error of eps |F| / |F - Y| in every gradient, which the
+    # tolerance rule (twice the twin's error plus a few ulp of the result) does not model; hypothesis found
+    # n=4, d=23, m=1 (|F - Y| = 0.0016 at |F| ~ 1). This test is about the products' shapes, not that conditioning.
+    Y = Y + 4
     check_against_reference(net, X, Y, v, "mse", f"n={n} d={d} m={m} k={k}")

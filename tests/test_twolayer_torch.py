@@ -405,20 +405,24 @@ def test_saved_kernels_do_not_depend_on_thread_count(activation, shape, want_dX)
             np.testing.assert_array_equal(x, y, err_msg=f"result {i}, 1 vs {threads} threads")
 
 
-def wide_saved_problem(activation, dtype, bias=True):
-    """A wide layer (m d >= gemm_wide_operand), whose backward runs blocks of wide_saved_rows rows, each with its own
-    gradients, summed in block order: two full blocks and a short one."""
+def wide_saved_problem(activation, dtype, bias=True, several_steps=True):
+    """A wide layer (m d >= gemm_wide_operand), whose backward cuts the rows into blocks (at most wide_saved_blocks,
+    of wide_saved_min_rows rows at least), each with its own gradients summed in block order and run in steps of at
+    most wide_saved_rows rows: four blocks of two steps each (a full one and a short one), or two one-step blocks."""
     schedule = _core.twolayer.schedule
-    n, d, m = 2 * schedule["wide_saved_rows"] + 44, 256, 1024
+    blocks = schedule["wide_saved_blocks"]
+    n = blocks * schedule["wide_saved_rows"] + 100 if several_steps else 2 * schedule["wide_saved_min_rows"] + 3
+    d, m = 256, 1024
     assert d * m >= schedule["gemm_wide_operand"]
     return saved_problem(activation, dtype, 1, n, m, True, bias, d=d)
 
 
+@pytest.mark.parametrize("several_steps", [True, False], ids=["4-blocks-2-steps", "2-blocks"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("activation", ["tanh", "gelu"])  # sigma' read off S, and kept
-def test_wide_saved_backward_matches_the_twin(activation, bias):
+def test_wide_saved_backward_matches_the_twin(activation, bias, several_steps):
     # float32 against a float64 truth (a long-double one at this size takes minutes)
-    p, X, G = wide_saved_problem(activation, np.float32, bias)
+    p, X, G = wide_saved_problem(activation, np.float32, bias, several_steps)
     pt = p._replace(W=p.W.astype(np.float64), b=None if p.b is None else p.b.astype(np.float64),
                     a=p.a.astype(np.float64))
     Xt, Gt = X.astype(np.float64), G.astype(np.float64)
@@ -431,9 +435,10 @@ def test_wide_saved_backward_matches_the_twin(activation, bias):
                                     f"{activation} wide backward_saved")
 
 
+@pytest.mark.parametrize("several_steps", [True, False], ids=["4-blocks-2-steps", "2-blocks"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
-def test_wide_saved_kernels_do_not_depend_on_thread_count(dtype):
-    p, X, G = wide_saved_problem("gelu", dtype)
+def test_wide_saved_kernels_do_not_depend_on_thread_count(dtype, several_steps):
+    p, X, G = wide_saved_problem("gelu", dtype, several_steps=several_steps)
     results = []
     for threads in (1, 2, 3):
         with physai.num_threads(threads):

@@ -325,6 +325,8 @@ void bind_twolayer(py::module_& m) {
   schedule["gemm_wide_block"] = physai::gemm::kWideBlock;
   schedule["gemm_wide_operand"] = physai::gemm::kWideOperand;
   schedule["tile_values"] = tl::detail::kTileValues;
+  schedule["wide_saved_blocks"] = tl::detail::kWideSavedBlocks;
+  schedule["wide_saved_min_rows"] = tl::detail::kWideSavedMinRows;
   schedule["wide_saved_rows"] = tl::detail::kWideSavedRows;
   schedule["small_dim"] = physai::gemm::kSmallDim;
   m.attr("schedule") = schedule;

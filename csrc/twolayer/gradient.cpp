@@ -203,31 +203,36 @@ void member_forward_saving(const Net<T>& net, int64_t e, T* F, T* S, T* D1, bool
   });
 }
 
-// The backward of a wide layer (m d >= gemm::kWideOperand): blocks of kWideSavedRows rows, each with its own dW, db,
-// da (summed in block order after) and its rows of dX. A column block's weight-gradient GEMM would pack the step's
-// rows of X once for every block of hidden units, 8 times over at m = 1024; a row block packs its own rows once.
+// The backward of a wide layer (m d >= gemm::kWideOperand, n >= 2 kWideSavedMinRows): blocks of rows
+// (schedule.hpp), each with its own dW, db, da (summed in block order after) and its rows of dX, each run in steps
+// of at most kWideSavedRows rows. A column block's weight-gradient GEMM would pack the step's rows of X once for
+// every block of hidden units, 8 times over at m = 1024; a row block packs its own rows once.
 template <class T>
 void wide_backward_saved(const Net<T>& net, int64_t e, const T* G, const T* S, const T* D1, T* dW, T* db, T* da,
                          T* dX, bool parallel) {
-  const int64_t n = net.n, m = net.m, d = net.d, k = net.k, blocks = (n + kWideSavedRows - 1) / kWideSavedRows;
+  const int64_t n = net.n, m = net.m, d = net.d, k = net.k;
+  const int64_t blocks = std::min(kWideSavedBlocks, n / kWideSavedMinRows), block_rows = (n + blocks - 1) / blocks;
   const int64_t P = m * d + (db ? m : 0) + k * m;
   const T *X = net.X_of(e), *a = net.a_of(e);
   const auto partial = Scratch<T>(blocks * P);
   over_rows(blocks, parallel, [&](int64_t block) {
-    const int64_t r0 = block * kWideSavedRows, rows = std::min(kWideSavedRows, n - r0);
     T *gW = partial.get() + block * P, *gb = db ? gW + m * d : nullptr, *ga = gW + m * d + (db ? m : 0);
-    const auto dZ = Scratch<T>(rows * m);
-    backprop_saved_rows(net.activation, rows, m, k, net.output_scale, G + r0 * k, a, m, S + r0 * m,
-                        D1 ? D1 + r0 * m : nullptr, m, dZ.get(), m);
-    gemm::block_gemm(Trans::Yes, Trans::No, k, m, rows, net.output_scale, G + r0 * k, k, S + r0 * m, m, T(0), ga, m);
-    gemm::block_gemm(Trans::Yes, Trans::No, m, d, rows, net.input_scale, dZ.get(), m, X + r0 * d, d, T(0), gW, d);
-    if (gb) {
-      std::fill(gb, gb + m, T(0));
-      add_column_sums(dZ.get(), rows, m, gb, m);
+    const int64_t begin = block * block_rows, end = std::min(n, begin + block_rows);
+    const auto dZ = Scratch<T>(std::min(kWideSavedRows, block_rows) * m);
+    if (gb) std::fill(gb, gb + m, T(0));
+    for (int64_t r0 = begin; r0 < end; r0 += kWideSavedRows) {
+      const int64_t rows = std::min(kWideSavedRows, end - r0);
+      const T beta = r0 == begin ? T(0) : T(1);
+      backprop_saved_rows(net.activation, rows, m, k, net.output_scale, G + r0 * k, a, m, S + r0 * m,
+                          D1 ? D1 + r0 * m : nullptr, m, dZ.get(), m);
+      gemm::block_gemm(Trans::Yes, Trans::No, k, m, rows, net.output_scale, G + r0 * k, k, S + r0 * m, m, beta, ga,
+                       m);
+      gemm::block_gemm(Trans::Yes, Trans::No, m, d, rows, net.input_scale, dZ.get(), m, X + r0 * d, d, beta, gW, d);
+      if (gb) add_column_sums(dZ.get(), rows, m, gb, m);
+      if (dX)
+        gemm::block_gemm(Trans::No, Trans::No, rows, d, m, net.input_scale, dZ.get(), m, net.W_of(e), d, T(0),
+                         dX + r0 * d, d);
     }
-    if (dX)
-      gemm::block_gemm(Trans::No, Trans::No, rows, d, m, net.input_scale, dZ.get(), m, net.W_of(e), d, T(0),
-                       dX + r0 * d, d);
   });
   T* sum = partial.get();
   for (int64_t block = 1; block < blocks; ++block) {
@@ -246,7 +251,7 @@ template <class T>
 void member_backward_saved(const Net<T>& net, int64_t e, const T* G, const T* S, const T* D1, T* dW, T* db, T* da,
                            T* dX, bool parallel) {
   const int64_t n = net.n, m = net.m, d = net.d, k = net.k;
-  if (n > 0 && m * d >= gemm::kWideOperand)
+  if (m * d >= gemm::kWideOperand && n >= 2 * kWideSavedMinRows)
     return wide_backward_saved(net, e, G, S, D1, dW, db, da, dX, parallel);
   const int64_t cols = saved_block_cols(m), step = saved_step_rows<T>(n, cols);
   const T *X = net.X_of(e), *a = net.a_of(e);

@@ -36,7 +36,11 @@ int64_t tile_rows(int64_t n, int64_t m) {
   return std::min(n, fit >= 256 ? fit : std::max<int64_t>(kTileValues / m, 256));
 }
 
-// Rows per block of a wide layer's backward from a saved forward (gradient.cpp: wide_backward_saved).
+// A wide layer's backward from a saved forward (gradient.cpp: wide_backward_saved) cuts the rows into
+// min(kWideSavedBlocks, n / kWideSavedMinRows) blocks, each run in steps of at most kWideSavedRows rows; batches of
+// fewer than 2 kWideSavedMinRows rows take the column blocks instead, which keep the threads busy.
+constexpr int64_t kWideSavedBlocks = 4;
+constexpr int64_t kWideSavedMinRows = 256;
 constexpr int64_t kWideSavedRows = 1024;
 
 // Multiply-adds of one member's forward pass.
