@@ -210,13 +210,12 @@ void member_forward_saving(const Net<T>& net, int64_t e, T* F, T* S, T* D1, bool
 template <class T>
 void wide_backward_saved(const Net<T>& net, int64_t e, const T* G, const T* S, const T* D1, T* dW, T* db, T* da,
                          T* dX, bool parallel) {
-  const int64_t n = net.n, m = net.m, d = net.d, k = net.k;
+  const int64_t n = net.n, m = net.m, d = net.d, k = net.k, P = net.params();
   const int64_t blocks = std::min(kWideSavedBlocks, n / kWideSavedMinRows), block_rows = (n + blocks - 1) / blocks;
-  const int64_t P = m * d + (db ? m : 0) + k * m;
   const T *X = net.X_of(e), *a = net.a_of(e);
   const auto partial = Scratch<T>(blocks * P);
   over_rows(blocks, parallel, [&](int64_t block) {
-    T *gW = partial.get() + block * P, *gb = db ? gW + m * d : nullptr, *ga = gW + m * d + (db ? m : 0);
+    const auto [gW, gb, ga] = param_parts(net, partial.get() + block * P);
     const int64_t begin = block * block_rows, end = std::min(n, begin + block_rows);
     const auto dZ = Scratch<T>(std::min(kWideSavedRows, block_rows) * m);
     if (gb) std::fill(gb, gb + m, T(0));
@@ -234,15 +233,8 @@ void wide_backward_saved(const Net<T>& net, int64_t e, const T* G, const T* S, c
                          dX + r0 * d, d);
     }
   });
-  T* sum = partial.get();
-  for (int64_t block = 1; block < blocks; ++block) {
-    const T* g = partial.get() + block * P;
-#pragma omp simd
-    for (int64_t i = 0; i < P; ++i) sum[i] += g[i];
-  }
-  std::copy(sum, sum + m * d, dW);
-  if (db) std::copy(sum + m * d, sum + m * d + m, db);
-  std::copy(sum + P - k * m, sum + P, da);
+  add_blocks_into_first(blocks, P, partial.get());
+  split_params(net, partial.get(), dW, db, da);
 }
 
 // G, S, D1 and the outputs are member e's. With dX, every block writes its dZ into one [n, m] buffer, which a last

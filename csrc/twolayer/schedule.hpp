@@ -95,6 +95,17 @@ bool use_row_blocks(int64_t members, const Net<T>& member) {
   return members == 1 && member.n > kBlockRows && work_of(member) < kBlockedWork;
 }
 
+// Adds the P-vectors of blocks 1 .. blocks-1 of partial [blocks, P] into block 0, in block order: the one order in
+// which per-block gradients are summed, whatever the thread count.
+template <class T>
+void add_blocks_into_first(int64_t blocks, int64_t P, T* partial) {
+  for (int64_t block = 1; block < blocks; ++block) {
+    const T* g = partial + block * P;
+#pragma omp simd
+    for (int64_t i = 0; i < P; ++i) partial[i] += g[i];
+  }
+}
+
 // contribution(r0, rows, partial) writes the P-vector of rows r0 .. r0+rows (a block) into partial; out receives the
 // blocks' vectors summed in block order.
 template <class T, class Contribution>
@@ -105,12 +116,8 @@ void sum_over_row_blocks(int64_t n, int64_t P, T* out, Contribution&& contributi
     const int64_t r0 = block * kBlockRows;
     contribution(r0, std::min(kBlockRows, n - r0), partial.get() + block * P);
   });
+  add_blocks_into_first(blocks, P, partial.get());
   std::copy(partial.get(), partial.get() + P, out);
-  for (int64_t block = 1; block < blocks; ++block) {
-    const T* g = partial.get() + block * P;
-#pragma omp simd
-    for (int64_t i = 0; i < P; ++i) out[i] += g[i];
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
