@@ -5,7 +5,10 @@ Each benchmark runs 50 full-batch steps of: ``opt.zero_grad()``, ``F.mse_loss(mo
 is ``TwoLayerModule.from_linear`` (the fused forward and backward behind a torch.autograd.Function); the baseline the
 ``nn.Sequential(Linear(d, m), ReLU(), Linear(m, k, bias=False))`` it replaces; the GEMM bound is numpy running the five
 matmuls of one step (Z = X W^T, F = S a^T, da = G^T S, dS = G a, dW = dS^T X) 50 times, printed beside each point
-(information: how close to the machine's GEMM rate the fused loop runs). Every benchmark declares its FLOP count
+(information: how close to the machine's GEMM rate the fused loop runs). The floor is the same loop around a
+torch.autograd.Function of the same parameters whose forward and backward hand back preallocated zeros: torch's own
+per-step work (the Function call, F.mse_loss, the autograd engine, zero_grad, the SGD update), which no drop-in can
+avoid; Sequential / floor is the most any drop-in could gain at that point. Every benchmark declares its FLOP count
 (the five GEMMs, 4 n d m + 6 n m k per step) so report.py prints GFLOP/s and the fraction of the sgemm rate.
 """
 import numpy as np
@@ -39,6 +42,9 @@ RATIOS = []
 for _id, _n, _d, _m, _k, _goal in POINTS:
     RATIOS.append((f"torch_loop {_id} (50 SGD steps, relu, F.mse_loss): nn.Sequential / TwoLayerModule",
                    f"test_torch_loop_sequential[{_id}]", f"test_torch_loop_physai[{_id}]", _goal))
+    RATIOS.append((f"torch_loop {_id}: nn.Sequential / a drop-in whose kernels take no time (information: the most "
+                   "any drop-in can gain over torch's own per-step work here)",
+                   f"test_torch_loop_sequential[{_id}]", f"test_torch_loop_floor[{_id}]", 0.0))
     if _id in NUMPY_BOUND_IDS:
         RATIOS.append((f"torch_loop {_id}: GEMM bound (numpy, same 5 matmuls x 50) / TwoLayerModule (information)",
                        f"test_torch_loop_gemm_bound[{_id}]", f"test_torch_loop_physai[{_id}]", 0.0))
@@ -140,4 +146,39 @@ def test_torch_loop_gemm_bound(benchmark, torch, point):
         return out
 
     benchmark.extra_info.update(flops=flops(n, d, m, k))
+    _timed(benchmark, run, p["id"] in LARGE_IDS)
+
+
+class _NoKernels:
+    """An autograd.Function of (W, b, a) with the drop-in's shapes whose forward and backward do no work."""
+
+    @staticmethod
+    def make(torch, n, k, W, b, a):
+        out, grads = torch.zeros(n, k), (torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(a))
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, X, W, b, a):
+                return out
+
+            @staticmethod
+            def backward(ctx, grad):
+                return (None, *grads)
+
+        class Module(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.W, self.b, self.a = (torch.nn.Parameter(p.detach().clone()) for p in (W, b, a))
+
+            def forward(self, X):
+                return Function.apply(X, self.W, self.b, self.a)
+
+        return Module()
+
+
+def test_torch_loop_floor(benchmark, torch, point):
+    p = point
+    seq = _sequential(torch, p)
+    model = _NoKernels.make(torch, p["n"], p["k"], seq[0].weight, seq[0].bias, seq[2].weight)
+    run = _loop(torch, model, p["X"], p["Y"])
     _timed(benchmark, run, p["id"] in LARGE_IDS)

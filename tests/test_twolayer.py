@@ -146,6 +146,27 @@ def test_reused_scratch_memory_leaves_no_trace():
         np.testing.assert_array_equal(x, y)
 
 
+def test_scratch_memory_larger_than_the_kept_size_is_freed():
+    # A buffer that grows with the batch (the drop-in backward's dZ of all n rows, for dX: n m floats) is freed after
+    # the call, not kept for the thread's lifetime like the tile buffers (csrc/common/scratch.hpp). One thread: the
+    # kernels' scratch is then the calling thread's, which _core reports.
+    n, d, m, k = 1 << 16, 2, 320, 1  # n m floats = 80 MiB, over the 64 MiB kept
+    rng = np.random.default_rng(0)
+    X, G = rng.standard_normal((n, d), dtype=np.float32), rng.standard_normal((1, n, k), dtype=np.float32)
+    W, a = rng.standard_normal((1, m, d), dtype=np.float32), rng.standard_normal((1, k, m), dtype=np.float32)
+    config = _core.twolayer.Config(1.0, 1.0, activation_code("relu"))
+    F, S = np.empty((1, n, k), np.float32), np.empty((1, n, m), np.float32)
+    dW, da, dX = np.empty_like(W), np.empty_like(a), np.empty((1, n, d), np.float32)
+    with physai.num_threads(1):
+        _core.twolayer.forward_saving(X, W, None, a, config, F, S, None)
+        _core.twolayer.backward_saved(X, G, W, None, a, S, None, config, dW, None, da, dX)
+        retained = _core.scratch_retained_bytes()
+    assert retained < n * m * 4
+    # and the kernel used it: dX agrees with the twin's, computed from the same S
+    expected = ((G[0] @ a[0]) * (S[0] > 0)) @ W[0]
+    np.testing.assert_allclose(dX[0], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_hvp_of_zero_rows_is_zero_and_leaves_other_members_alone():
     # Eigensolvers feed zero rows for members that have converged; the operator skips them.
     net, X, Y, _ = make_problem("gelu", "logistic", "mup", np.float64, E=3, n=40, d=4, m=12, k=2)

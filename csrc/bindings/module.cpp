@@ -5,6 +5,7 @@
 
 #include "common/blas.hpp"
 #include "common/errors.hpp"
+#include "common/scratch.hpp"
 #include "common/threading.hpp"
 
 namespace py = pybind11;
@@ -34,6 +35,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", &physai::set_num_threads, py::arg("n"));
   m.def("configured_num_threads", &physai::configured_num_threads);
   m.def("blas_num_threads", &physai::blas::num_threads);
+  m.def("scratch_retained_bytes", [] { return physai::ScratchStack::local().retained_bytes(); });
 
   auto rng = m.def_submodule("rng", "counter-based random numbers (Philox4x32-10)");
   bind_rng(rng);

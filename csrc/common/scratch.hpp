@@ -9,9 +9,16 @@
 
 namespace physai {
 
-// A stack of buffers per thread: the buffer at depth i is kept and grown as needed, never shrunk, so a repeated
-// call pattern reuses the same memory. Buffers are released in the reverse order of their requests, which scoped
-// Scratch objects guarantee.
+// Buffers up to this size are kept for the next call; larger ones are freed when released. The kernels' tiles keep
+// their buffers under it (16 MiB of float, 32 MiB of double: schedule.hpp's kTileValues), while a buffer that
+// grows with the batch (the drop-in's dZ of all n rows, for dX) would otherwise hold memory of the largest call
+// ever made, on every thread, until the process ends; at this size the page faults of a fresh buffer cost little
+// against the work that fills it.
+constexpr size_t kRetainedScratchBytes = size_t(64) << 20;
+
+// A stack of buffers per thread: the buffer at depth i is kept and grown as needed (up to kRetainedScratchBytes),
+// so a repeated call pattern reuses the same memory. Buffers are released in the reverse order of their requests,
+// which scoped Scratch objects guarantee.
 class ScratchStack {
  public:
   static ScratchStack& local() {
@@ -27,7 +34,16 @@ class ScratchStack {
     }
     return slot.data.get();
   }
-  void pop() { --depth_; }
+  void pop() {
+    Slot& slot = slots_[--depth_];
+    if (slot.bytes > kRetainedScratchBytes) slot = Slot();
+  }
+  // Bytes held by this thread's buffers (a test's view of what stays resident between calls).
+  size_t retained_bytes() const {
+    size_t total = 0;
+    for (const Slot& slot : slots_) total += slot.bytes;
+    return total;
+  }
 
  private:
   struct Slot {

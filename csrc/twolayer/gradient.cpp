@@ -31,7 +31,7 @@ void hidden(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, T* S, T* D
   const std::vector<T> zeros(net.b ? 0 : m, T(0));
   const T* b = net.b ? net.b_of(e) : zeros.data();
   over_row_tasks(rows, parallel, [&](int64_t r0, int64_t count) {
-    activate_rows(net.activation, count, m, S + r0 * m, b, D1 + r0 * m, D2 ? D2 + r0 * m : nullptr);
+    activate_rows(net.activation, count, m, S + r0 * m, b, D1 ? D1 + r0 * m : nullptr, D2 ? D2 + r0 * m : nullptr);
   });
 }
 

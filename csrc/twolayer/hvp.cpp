@@ -56,7 +56,8 @@ PHYSAI_INLINE void r_rows_single_output(const RRows<T>& p, int64_t r0, int64_t r
   const T os = p.os, *vb = p.vb, *a = p.a, *va = p.va;
   for (int64_t r = r0; r < r0 + rows; ++r) {
     T *RZ = p.RZ + r * m, *RS = p.RS + r * m, *RdZ = p.RdZ + r * m;
-    const T *S = p.S + r * m, *D1 = p.D1 + r * m, *dS_D2 = p.dS_D2 + r * m;
+    const T* S = p.S + r * m;
+    const T *D1 = Tanh ? nullptr : p.D1 + r * m, *dS_D2 = Tanh ? nullptr : p.dS_D2 + r * m;  // tanh: no caches
     // Plain loops over the row (vectorised at the clone's full width), the terms of R{F} parked in RdZ's row until
     // the backward overwrites it, and summed in a fixed order there.
 #pragma omp simd
@@ -128,7 +129,9 @@ HessianOperator<T>::HessianOperator(const Net<T>& net, const Targets<T>& targets
     : net_(net), targets_(targets) {
   validate(net);
   const int64_t E = net.E, n = net.n, m = net.m, k = net.k;
-  for (auto* cache : {&S_, &D1_, &dS_D2_, &dZ_}) cache->reset(new T[E * n * m]);
+  for (auto* cache : {&S_, &dZ_}) cache->reset(new T[E * n * m]);
+  if (slope_caches())
+    for (auto* cache : {&D1_, &dS_D2_}) cache->reset(new T[E * n * m]);
   F_.reset(new T[E * n * k]);
   G_.reset(new T[E * n * k]);
   loss_.resize(E);
@@ -143,15 +146,19 @@ void HessianOperator<T>::refresh() {
 template <class T>
 void HessianOperator<T>::refresh_member(int64_t e, bool parallel) {
   const int64_t n = net_.n, m = net_.m, k = net_.k;
-  T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *dS_D2 = dS_D2_.get() + e * n * m;
-  T *F = F_.get() + e * n * k, *G = G_.get() + e * n * k, *dZ = dZ_.get() + e * n * m;
+  T *S = S_.get() + e * n * m, *F = F_.get() + e * n * k, *G = G_.get() + e * n * k, *dZ = dZ_.get() + e * n * m;
+  T *D1 = slope_caches() ? D1_.get() + e * n * m : nullptr, *dS_D2 = slope_caches() ? dS_D2_.get() + e * n * m : nullptr;
   hidden(net_, e, net_.X_of(e), n, S, D1, dS_D2, parallel);
   const auto row_loss = Scratch<T>(n);
   loss_[e] = loss_tile(net_, e, targets_.loss, static_cast<const T*>(S), targets_.Y_of(e, n, k), n,
                        loss_scale<T>(targets_.loss, n, k), F, G, row_loss.get(), parallel);
   over_row_tasks(n, parallel, [&](int64_t r0, int64_t count) {
-    backprop_rows(count, m, k, net_.output_scale, G + r0 * k, net_.a_of(e), D1 + r0 * m, dZ + r0 * m,
-                  dS_D2 + r0 * m);
+    if (D1)
+      backprop_rows(count, m, k, net_.output_scale, G + r0 * k, net_.a_of(e), D1 + r0 * m, dZ + r0 * m,
+                    dS_D2 + r0 * m);
+    else
+      backprop_saved_rows(net_.activation, count, m, k, net_.output_scale, G + r0 * k, net_.a_of(e), m, S + r0 * m,
+                          static_cast<const T*>(nullptr), m, dZ + r0 * m, m);
   });
 }
 
@@ -165,7 +172,8 @@ void HessianOperator<T>::apply_rows(int64_t e, int64_t row_begin, int64_t row_en
   const std::array<T*, 3> out_parts = param_parts(net, out);
   const T *vW = v_parts[0], *vb = v_parts[1], *va = v_parts[2];
   T *oW = out_parts[0], *ob = out_parts[1], *oa = out_parts[2];
-  const T *S = S_.get() + e * n * m, *D1 = D1_.get() + e * n * m, *dS_D2 = dS_D2_.get() + e * n * m;
+  const T* S = S_.get() + e * n * m;
+  const T *D1 = D1_ ? D1_.get() + e * n * m : nullptr, *dS_D2 = dS_D2_ ? dS_D2_.get() + e * n * m : nullptr;
   const T *F = F_.get() + e * n * k, *G = G_.get() + e * n * k;
   const T* Y = targets_.Y_of(e, n, k);
   const T* X = net.X_of(e);
@@ -180,7 +188,8 @@ void HessianOperator<T>::apply_rows(int64_t e, int64_t row_begin, int64_t row_en
     // R{Z} = input_scale X vW^T (+ vb in the row pass)
     gemm(parallel, Trans::No, Trans::Yes, rows, m, d, net.input_scale, X_t, d, vW, d, T(0), RZ.get(), m);
     const RRows<T> pass{targets_.loss, net.activation == Activation::Tanh, m, k, os, scale, vb, a,
-                        va,           S_t,      D1 + r0 * m, dS_D2 + r0 * m, F + r0 * k, Y + r0 * k, G_t,
+                        va,           S_t,      D1 ? D1 + r0 * m : nullptr, dS_D2 ? dS_D2 + r0 * m : nullptr,
+                        F + r0 * k,   Y + r0 * k, G_t,
                         RZ.get(),     RS.get(), RF.get(), RG.get(), RdZ.get()};
     over_row_tasks(rows, parallel, [&](int64_t q0, int64_t count) { r_rows(pass, q0, count); });
     // R{da} = os (R{G}^T S + G^T R{S})

@@ -86,6 +86,9 @@ class HessianOperator {
   // Each [E, n, m] or [E, n, k]; left uninitialised (every entry is written before it is read), which spares a
   // memset of the four large caches on every construction.
   // dZ_ = dS sigma' (what the gradient needs) and dS_D2_ = dS sigma'' (what the HVP needs) with dS = os G a.
+  // A tanh network with one output keeps neither D1_ nor dS_D2_ (null): its HVP pass reads sigma' and sigma'' off S
+  // (hvp.cpp), and dZ_ takes sigma' from S with the same bits (slope_from_value), which spares 2 E n m values.
+  bool slope_caches() const { return !(net_.k == 1 && net_.activation == Activation::Tanh); }
   std::unique_ptr<T[]> S_, D1_, dS_D2_, dZ_, F_, G_;
   std::vector<T> loss_;                      // [E]
 };

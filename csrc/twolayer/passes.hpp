@@ -14,7 +14,8 @@ T loss_scale(Loss loss, int64_t rows, int64_t k) {
   return loss == Loss::CrossEntropy ? T(1) / T(rows) : T(1) / (T(rows) * T(k));
 }
 
-// Z = input_scale * X_t W^T + b, then S = sigma(Z) in place of Z; D1 = sigma'(Z) and D2 = sigma''(Z) (if non-null).
+// Z = input_scale * X_t W^T + b, then S = sigma(Z) in place of Z; D1 = sigma'(Z) and D2 = sigma''(Z) where non-null
+// (D2 only with D1).
 template <class T>
 void hidden(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, T* S, T* D1, T* D2, bool parallel);
 
