@@ -1,5 +1,7 @@
 """torch as the independent oracle of the numpy reference and of the native training loop, and the torch wiring:
 identical gradients to a plain torch MLP, native double backward for HVPs."""
+import gc
+
 import numpy as np
 import pytest
 from conftest import TRUTH_DTYPE, GRID, assert_as_accurate_as_reference, assert_close, copy_params, make_problem
@@ -565,6 +567,31 @@ def test_saving_path_keeps_autograd_contracts():
     # a non-contiguous input
     wide = torch.randn(3, 10, dtype=torch.float64)
     torch.testing.assert_close(module(wide.t()), torch_reference(wide.t(), *params).detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_saving_path_holds_its_hidden_layer_only_through_the_saved_tensors():
+    """Checkpointing (a saved-tensor hook that drops what the forward saves and recomputes it) frees the hidden layer
+    between forward and backward: the Function keeps nothing of it outside its saved tensors."""
+    import tracemalloc
+
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    n, m = 2048, 512
+    module, X = TwoLayerModule(8, m, 1, "tanh"), torch.randn(n, 8)
+    hidden_bytes = n * m * 4  # S, float32
+    held = {}
+    for name, call in (("plain", lambda: module(X)), ("checkpoint", lambda: checkpoint(module, X, use_reentrant=False))):
+        call().sum().backward()  # first calls load code: not what is measured
+        gc.collect()
+        tracemalloc.start()
+        out = call()
+        gc.collect()
+        held[name] = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        out.sum().backward()
+    assert held["plain"] >= hidden_bytes  # the measurement sees S where it is saved
+    assert held["checkpoint"] < hidden_bytes / 4, held
 
 
 def test_saving_path_takes_its_inputs_from_the_saved_tensors():

@@ -146,9 +146,9 @@ class _SavingTwoLayerFunction(torch.autograd.Function):
     graph, and it is an old-style Function (forward takes ctx), whose apply costs a third of one with setup_context:
     at small sizes such overheads cost as much as the kernels. The backward reads X, W, b, a from the saved tensors,
     not from the forward's views: a saved-tensor hook (offloading, checkpointing) may hand back copies made before an
-    in-place change, and the gradient is that of those; where the saved tensors it gets back are the forward's own
-    (no such hook), it takes the forward's views of them, which spares converting them again (a tenth of a step at
-    n = 256). A backward that must itself be differentiable (create_graph) runs as torch ops."""
+    in-place change, and the gradient is that of those. The Function holds nothing outside its saved tensors, so a
+    hook that drops them (checkpointing) frees the hidden layer. A backward that must itself be differentiable
+    (create_graph) runs as torch ops."""
 
     @staticmethod
     def _arrays(X, W, b, a):
@@ -170,29 +170,22 @@ class _SavingTwoLayerFunction(torch.autograd.Function):
         S = np.empty((E, n, m), rows.dtype)
         D1 = np.empty((E, n, m), rows.dtype) if spec.keeps_slope else None
         _core.twolayer.forward_saving(rows, Wn, bn, an, spec.config, F, S, D1)
-        S_t, D1_t = torch.from_numpy(S), None if D1 is None else torch.from_numpy(D1)
-        ctx.save_for_backward(X, W, b, a, S_t, D1_t)
+        ctx.save_for_backward(X, W, b, a, torch.from_numpy(S), None if D1 is None else torch.from_numpy(D1))
         ctx.spec = spec
-        ctx.views = (X, W, b, a, S_t, D1_t), (rows, Wn, bn, an, S, D1)
         return torch.from_numpy(F.reshape(*X.shape[:-1], k) if single else F)
 
     @staticmethod
     def backward(ctx, grad_F):
-        saved = ctx.saved_tensors
-        X, W, b, a, S, D1 = saved
+        X, W, b, a, S, D1 = ctx.saved_tensors
         if torch.is_grad_enabled() or not _plain(grad_F):
             return (*_differentiable_backward(ctx.spec, X, W, b, a, grad_F), None)
-        tensors, views = ctx.views or ((), ())
-        ctx.views = None  # S lives no longer than the saved tensors (a second backward converts them again)
-        if len(tensors) != len(saved) or not all(x is y for x, y in zip(saved, tensors)):  # e.g. a saved-tensor hook
-            views = (*_SavingTwoLayerFunction._arrays(X, W, b, a), S.numpy(), None if D1 is None else D1.numpy())
-        rows, Wn, bn, an, S_n, D1_n = views
-        (E, n, _), k = S_n.shape, an.shape[1]
+        rows, Wn, bn, an = _SavingTwoLayerFunction._arrays(X, W, b, a)
+        (E, n, _), k = S.shape, an.shape[1]
         dW, da = np.empty_like(Wn), np.empty_like(an)
         db = None if bn is None else np.empty_like(bn)
         dX = np.empty((E, n, rows.shape[-1]), rows.dtype) if ctx.needs_input_grad[0] else None
-        _core.twolayer.backward_saved(rows, _array(grad_F).reshape(E, n, k), Wn, bn, an, S_n, D1_n, ctx.spec.config,
-                                      dW, db, da, dX)
+        _core.twolayer.backward_saved(rows, _array(grad_F).reshape(E, n, k), Wn, bn, an, S.numpy(),
+                                      None if D1 is None else D1.numpy(), ctx.spec.config, dW, db, da, dX)
         if W.dim() == 2:  # a single network: the member axis goes
             dW, da, db = dW[0], da[0], None if db is None else db[0]
             dX = None if dX is None else dX.reshape(X.shape)
