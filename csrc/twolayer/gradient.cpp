@@ -65,16 +65,18 @@ void backward_tile(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, con
                    bool first, T* dW, T* db, T* da, T* dX_t, bool parallel) {
   const int64_t m = net.m, d = net.d, k = net.k;
   const T beta = first ? T(0) : T(1);
-  gemm(parallel, Trans::Yes, Trans::No, k, m, rows, net.output_scale, G_t, k, S, m, beta, da, m);
-  over_row_tasks(rows, parallel, [&](int64_t r0, int64_t count) {
-    backprop_rows(count, m, k, net.output_scale, G_t + r0 * k, net.a_of(e), D1 + r0 * m, D1 + r0 * m,
-                  static_cast<T*>(nullptr));
-  });
-  gemm(parallel, Trans::Yes, Trans::No, m, d, rows, net.input_scale, D1, m, X_t, d, beta, dW, d);
-  if (db) {
-    if (first) std::fill(db, db + m, T(0));
-    add_column_sums(D1, rows, m, db);
+  if (db && first) std::fill(db, db + m, T(0));
+  if (k == 1 && !parallel) {  // one thread: the three passes below in one, with the same bits
+    backprop_single_output_sums(rows, m, net.output_scale, G_t, net.a_of(e), S, D1, beta, da, db);
+  } else {
+    gemm(parallel, Trans::Yes, Trans::No, k, m, rows, net.output_scale, G_t, k, S, m, beta, da, m);
+    over_row_tasks(rows, parallel, [&](int64_t r0, int64_t count) {
+      backprop_rows(count, m, k, net.output_scale, G_t + r0 * k, net.a_of(e), D1 + r0 * m, D1 + r0 * m,
+                    static_cast<T*>(nullptr));
+    });
+    if (db) add_column_sums(D1, rows, m, db);
   }
+  gemm(parallel, Trans::Yes, Trans::No, m, d, rows, net.input_scale, D1, m, X_t, d, beta, dW, d);
   if (dX_t) gemm(parallel, Trans::No, Trans::No, rows, d, m, net.input_scale, D1, m, net.W_of(e), d, T(0), dX_t, d);
 }
 

@@ -258,6 +258,71 @@ PHYSAI_VECTOR_CLONES void backprop_rows(int64_t rows, int64_t m, int64_t k, doub
   backprop_rows_impl(rows, m, k, os, G, a, D1, dZ, D2);
 }
 
+namespace {
+
+// backprop_single_output_sums for the columns [j0, m) in blocks of Width vectors U (a Vec, or one T for the last
+// columns), the sums of each block held in registers across all the rows: each value of dZ and each sum the same
+// expressions, in the same order, as backprop_rows (k = 1) and simd::accumulate_columns (the column sums of
+// small_gemm's G^T S and of add_column_sums: even and odd rows apart, added at the end). Returns where the full
+// blocks end.
+template <class U, int Width, class T>
+PHYSAI_INLINE int64_t backprop_sums_columns(int64_t j0, int64_t rows, int64_t m, T os, const T* G, const T* a,
+                                            const T* S, T* D, T beta, T* da, T* db) {
+  constexpr int64_t lanes = sizeof(U) / sizeof(T), cols = lanes * Width;
+  for (; j0 + cols <= m; j0 += cols) {
+    U av[Width], da_even[Width] = {}, da_odd[Width] = {}, db_even[Width] = {}, db_odd[Width] = {};
+    for (int w = 0; w < Width; ++w) av[w] = load<U>(a + j0 + w * lanes);
+    const auto row = [&](int64_t l, U* da_sum, U* db_sum) {
+      const T g = G[l];
+      for (int w = 0; w < Width; ++w) {
+        const int64_t at = l * m + j0 + w * lanes;
+        const U dz = load<U>(D + at) * (os * (g * av[w]));
+        store(D + at, dz);
+        da_sum[w] += g * load<U>(S + at);
+        db_sum[w] += dz;
+      }
+    };
+    int64_t l = 0;
+    for (; l + 2 <= rows; l += 2) {
+      row(l, da_even, db_even);
+      row(l + 1, da_odd, db_odd);
+    }
+    if (l < rows) row(l, da_even, db_even);
+    for (int w = 0; w < Width; ++w) {
+      T* out = da + j0 + w * lanes;
+      const U sum = os * (da_even[w] + da_odd[w]);
+      store(out, beta == T(0) ? sum : sum + beta * load<U>(out));
+      if (db) {
+        T* bias = db + j0 + w * lanes;
+        store(bias, (db_even[w] + db_odd[w]) + load<U>(bias));
+      }
+    }
+  }
+  return j0;
+}
+
+template <class T>
+PHYSAI_INLINE void backprop_single_output_sums_impl(int64_t rows, int64_t m, T os, const T* G, const T* a, const T* S,
+                                                    T* D, T beta, T* da, T* db) {
+  using V = typename simd::Vec<T>::type;
+  int64_t j = backprop_sums_columns<V, 2>(0, rows, m, os, G, a, S, D, beta, da, db);
+  j = backprop_sums_columns<V, 1>(j, rows, m, os, G, a, S, D, beta, da, db);
+  backprop_sums_columns<T, 1>(j, rows, m, os, G, a, S, D, beta, da, db);
+}
+
+}  // namespace
+
+PHYSAI_VECTOR_CLONES void backprop_single_output_sums(int64_t rows, int64_t m, float os, const float* G,
+                                                      const float* a, const float* S, float* D, float beta, float* da,
+                                                      float* db) {
+  backprop_single_output_sums_impl(rows, m, os, G, a, S, D, beta, da, db);
+}
+PHYSAI_VECTOR_CLONES void backprop_single_output_sums(int64_t rows, int64_t m, double os, const double* G,
+                                                      const double* a, const double* S, double* D, double beta,
+                                                      double* da, double* db) {
+  backprop_single_output_sums_impl(rows, m, os, G, a, S, D, beta, da, db);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Backward from a saved forward
 // ---------------------------------------------------------------------------------------------------------------
