@@ -282,7 +282,8 @@ def test_training_does_not_depend_on_thread_count(dtype, E, schedule):
 def test_single_output_backward_pass_gives_the_bits_of_its_three_passes(dtype, bias):
     # An ensemble member's backward with one output runs dZ, G^T S and the bias sums in one pass
     # (backprop_single_output_sums); a tracked step takes its gradient from the Hessian operator's caches through the
-    # three separate passes (backprop, small GEMM, column sums). Both must give the same bits, so tracking the
+    # three separate passes (backprop, small GEMM, column sums). Both must give the same bits, so for members whose
+    # rows make one tile (n <= 128 here; longer batches cut the untracked step's rows into blocks) tracking the
     # sharpness leaves the trajectory as it is. Widths 3 to 70 run every column block and tail of the one pass; n odd
     # and even, the last row of the even/odd sums.
     for m, n in ((3, 7), (13, 64), (37, 33), (70, 128)):
