@@ -459,6 +459,9 @@ class _Store:
             store = out
         self.store = store
         self._order: list[str] = []
+        # the coordinates' stored values, read once: this process is the store's only writer, and each read is a
+        # round trip through zarr's event loop (a sixth of a short task's write)
+        self._coordinate_values: dict[str, np.ndarray] = {}
         try:
             self._open(store, attrs, out, overwrite)
         except BaseException:
@@ -636,12 +639,17 @@ class _Store:
         """A point's coordinate must agree with what earlier points stored (over their common extent)."""
         if dim not in self.arrays:
             return
-        stored = self._known(self.arrays[dim])
+        stored = self._known_coordinate(dim)
         common = min(len(stored), len(values))
         if not np.array_equal(stored[:common], values[:common]):
             raise ValueError(f"coordinates(): {dim!r} is {values.tolist()} at this point but "
                              f"{stored.tolist()} at the points stored; a sweep keeps one coordinate per dimension "
                              f"of the run, so its values cannot vary with the axes")
+
+    def _known_coordinate(self, dim: str) -> np.ndarray:
+        if dim not in self._coordinate_values:
+            self._coordinate_values[dim] = self._known(self.arrays[dim])
+        return self._coordinate_values[dim]
 
     @staticmethod
     def _known(array) -> np.ndarray:
@@ -657,8 +665,9 @@ class _Store:
             dtype, fill = _storage(values)
             self.arrays[dim] = self.group.create_array(dim, shape=(self.extents[dim],), dtype=dtype,
                                                        fill_value=fill, dimension_names=[dim])
-        if len(values) > len(self._known(self.arrays[dim])):
+        if len(values) > len(self._known_coordinate(dim)):
             self.arrays[dim][:len(values)] = values
+            self._coordinate_values[dim] = self._known(self.arrays[dim])
 
     def _write(self, name: str, own_dims: tuple, region: tuple, values: np.ndarray, attributes: dict) -> None:
         own_shape = values.shape[values.ndim - len(own_dims):]
