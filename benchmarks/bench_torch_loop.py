@@ -6,7 +6,7 @@ is ``TwoLayerModule.from_linear`` (the fused forward and backward behind a torch
 ``nn.Sequential(Linear(d, m), ReLU(), Linear(m, k, bias=False))`` it replaces; the GEMM bound is numpy running the five
 matmuls of one step (Z = X W^T, F = S a^T, da = G^T S, dS = G a, dW = dS^T X) 50 times, printed beside each point
 (information: how close to the machine's GEMM rate the fused loop runs). The floor is the same loop around a
-torch.autograd.Function of the same parameters whose forward and backward hand back preallocated zeros: torch's own
+torch.autograd.Function of the same parameters whose forward and backward hand back new zero tensors: torch's own
 per-step work (the Function call, F.mse_loss, the autograd engine, zero_grad, the SGD update), which no drop-in can
 avoid; Sequential / floor is the most any drop-in could gain at that point. Every benchmark declares its FLOP count
 (the five GEMMs, 4 n d m + 6 n m k per step) so report.py prints GFLOP/s and the fraction of the sgemm rate.
@@ -149,36 +149,34 @@ def test_torch_loop_gemm_bound(benchmark, torch, point):
     _timed(benchmark, run, p["id"] in LARGE_IDS)
 
 
-class _NoKernels:
-    """An autograd.Function of (W, b, a) with the drop-in's shapes whose forward and backward compute nothing: they
-    hand back new zero tensors (autograd takes a new gradient over as .grad, as it does the drop-in's, where one it
-    has seen before would be copied)."""
+def _no_kernels(torch, n, k, W, b, a):
+    """A module with parameters like (W, b, a) behind an autograd.Function whose forward and backward compute
+    nothing: they hand back new zero tensors (autograd takes a new gradient over as .grad, as it does the drop-in's,
+    where one it has seen before would be copied)."""
 
-    @staticmethod
-    def make(torch, n, k, W, b, a):
-        class Function(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, X, W, b, a):
-                return torch.zeros(n, k)
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, X, W, b, a):
+            return torch.zeros(n, k)
 
-            @staticmethod
-            def backward(ctx, grad):
-                return None, torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(a)
+        @staticmethod
+        def backward(ctx, grad):
+            return None, torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(a)
 
-        class Module(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.W, self.b, self.a = (torch.nn.Parameter(p.detach().clone()) for p in (W, b, a))
+    class Module(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W, self.b, self.a = (torch.nn.Parameter(p.detach().clone()) for p in (W, b, a))
 
-            def forward(self, X):
-                return Function.apply(X, self.W, self.b, self.a)
+        def forward(self, X):
+            return Function.apply(X, self.W, self.b, self.a)
 
-        return Module()
+    return Module()
 
 
 def test_torch_loop_floor(benchmark, torch, point):
     p = point
     seq = _sequential(torch, p)
-    model = _NoKernels.make(torch, p["n"], p["k"], seq[0].weight, seq[0].bias, seq[2].weight)
+    model = _no_kernels(torch, p["n"], p["k"], seq[0].weight, seq[0].bias, seq[2].weight)
     run = _loop(torch, model, p["X"], p["Y"])
     _timed(benchmark, run, p["id"] in LARGE_IDS)

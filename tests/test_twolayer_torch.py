@@ -581,7 +581,8 @@ def test_saving_path_holds_its_hidden_layer_only_through_the_saved_tensors():
     module, X = TwoLayerModule(8, m, 1, "tanh"), torch.randn(n, 8)
     hidden_bytes = n * m * 4  # S, float32
     held = {}
-    for name, call in (("plain", lambda: module(X)), ("checkpoint", lambda: checkpoint(module, X, use_reentrant=False))):
+    calls = {"plain": lambda: module(X), "checkpoint": lambda: checkpoint(module, X, use_reentrant=False)}
+    for name, call in calls.items():
         call().sum().backward()  # first calls load code: not what is measured
         gc.collect()
         tracemalloc.start()

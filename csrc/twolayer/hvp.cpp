@@ -147,7 +147,7 @@ template <class T>
 void HessianOperator<T>::refresh_member(int64_t e, bool parallel) {
   const int64_t n = net_.n, m = net_.m, k = net_.k;
   T *S = S_.get() + e * n * m, *F = F_.get() + e * n * k, *G = G_.get() + e * n * k, *dZ = dZ_.get() + e * n * m;
-  T *D1 = slope_caches() ? D1_.get() + e * n * m : nullptr, *dS_D2 = slope_caches() ? dS_D2_.get() + e * n * m : nullptr;
+  T *D1 = D1_ ? D1_.get() + e * n * m : nullptr, *dS_D2 = dS_D2_ ? dS_D2_.get() + e * n * m : nullptr;
   hidden(net_, e, net_.X_of(e), n, S, D1, dS_D2, parallel);
   const auto row_loss = Scratch<T>(n);
   loss_[e] = loss_tile(net_, e, targets_.loss, static_cast<const T*>(S), targets_.Y_of(e, n, k), n,
