@@ -277,19 +277,21 @@ def test_training_does_not_depend_on_thread_count(dtype, E, schedule):
     assert_same_bits_for_any_thread_count(compute)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_single_output_backward_pass_gives_the_bits_of_its_three_passes(dtype, bias):
+def test_single_output_backward_pass_gives_the_bits_of_its_three_passes(dtype, bias, activation):
     # An ensemble member's backward with one output runs dZ, G^T S and the bias sums in one pass
-    # (backprop_single_output_sums); a tracked step takes its gradient from the Hessian operator's caches through the
-    # three separate passes (backprop, small GEMM, column sums). Both must give the same bits, so for members whose
-    # rows make one tile (n <= 128 here; longer batches cut the untracked step's rows into blocks) tracking the
-    # sharpness leaves the trajectory as it is. Widths 3 to 70 run every column block and tail of the one pass; n odd
-    # and even, the last row of the even/odd sums.
+    # (backprop_single_output_sums), taking sigma' from S; a tracked step takes its gradient from the Hessian
+    # operator's caches through the three separate passes (backprop, small GEMM, column sums), with sigma' from S
+    # (tanh) or from the activation pass's D1 (relu). Both must give the same bits, so for members whose rows make
+    # one tile (n <= 128 here; longer batches cut the untracked step's rows into blocks) tracking the sharpness
+    # leaves the trajectory as it is. Widths 3 to 70 run every column block and tail of the one pass; n odd and
+    # even, the last row of the even/odd sums.
     for m, n in ((3, 7), (13, 64), (37, 33), (70, 128)):
         runs = []
         for track in (None, 1):
-            net = TwoLayer(4, m, 1, "tanh", "mean-field", bias=bias, ensemble=2, dtype=dtype, seed=m)
+            net = TwoLayer(4, m, 1, activation, "mean-field", bias=bias, ensemble=2, dtype=dtype, seed=m)
             X = np.random.default_rng(5).standard_normal((n, 4)).astype(dtype) * 3
             Y = np.sign(np.random.default_rng(6).standard_normal((n, 1))).astype(dtype)
             t = net.train(X, Y, [0.3, 2.0], 4, "logistic", track_sharpness_every=track)

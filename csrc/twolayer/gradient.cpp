@@ -58,16 +58,29 @@ void zero_gradients(const Net<T>& net, T* dW, T* db, T* da) {
   std::fill(da, da + net.k * net.m, T(0));
 }
 
+// Whether a tile's backward takes the single pass of backprop_single_output_sums (one output, one thread), and
+// whether sigma' then comes from S, so that the activation pass need not write D1.
+template <class T>
+bool single_output_pass(const Net<T>& net, bool parallel) {
+  return net.k == 1 && !parallel;
+}
+template <class T>
+bool slope_from_S(const Net<T>& net, bool parallel) {
+  return single_output_pass(net, parallel) && slope_from_value(net.activation);
+}
+
 // Backward of one tile given its output gradients G_t [rows, k]: accumulates da, dW, db (beta = 0 on the first tile)
-// and writes dX_t. S holds sigma(Z) and D1 sigma'(Z) of the tile; D1 is overwritten with dZ.
+// and writes dX_t. S holds sigma(Z) of the tile and D1 sigma'(Z) (unwritten where slope_from_S); D1 is overwritten
+// with dZ.
 template <class T>
 void backward_tile(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, const T* S, T* D1, const T* G_t,
                    bool first, T* dW, T* db, T* da, T* dX_t, bool parallel) {
   const int64_t m = net.m, d = net.d, k = net.k;
   const T beta = first ? T(0) : T(1);
   if (db && first) std::fill(db, db + m, T(0));
-  if (k == 1 && !parallel) {  // one thread: the three passes below in one, with the same bits
-    backprop_single_output_sums(rows, m, net.output_scale, G_t, net.a_of(e), S, D1, beta, da, db);
+  if (single_output_pass(net, parallel)) {  // the three passes below in one, with the same bits
+    backprop_single_output_sums(net.activation, rows, m, net.output_scale, G_t, net.a_of(e), S,
+                                slope_from_S(net, parallel) ? nullptr : D1, D1, beta, da, db);
   } else {
     gemm(parallel, Trans::Yes, Trans::No, k, m, rows, net.output_scale, G_t, k, S, m, beta, da, m);
     over_row_tasks(rows, parallel, [&](int64_t r0, int64_t count) {
@@ -91,7 +104,8 @@ void member_backward(const Net<T>& net, int64_t e, T* dW, T* db, T* da, T* dX, b
   const T* X = net.X_of(e);
   for (int64_t r0 = 0; r0 < n; r0 += tile) {
     const int64_t rows = std::min(tile, n - r0);
-    hidden(net, e, X + r0 * d, rows, S.get(), D1.get(), static_cast<T*>(nullptr), parallel);
+    hidden(net, e, X + r0 * d, rows, S.get(), slope_from_S(net, parallel) ? static_cast<T*>(nullptr) : D1.get(),
+           static_cast<T*>(nullptr), parallel);
     const T* G_t = output_grad(r0, rows, static_cast<const T*>(S.get()), G.get());
     backward_tile(net, e, X + r0 * d, rows, S.get(), D1.get(), G_t, r0 == 0, dW, db, da,
                   dX ? dX + r0 * d : static_cast<T*>(nullptr), parallel);

@@ -210,6 +210,15 @@ PHYSAI_VECTOR_CLONES void output_rows(Loss loss, int64_t rows, int64_t m, int64_
 
 namespace {
 
+// sigma' from sigma's value s (U: a Vec or one T), the same expressions as activate() applies to its own value.
+template <Activation A, class U>
+PHYSAI_INLINE U slope_of_value(U s) {
+  const U zero = U{}, one = zero + 1;
+  if constexpr (A == Activation::Relu) return s > zero ? one : zero;
+  else if constexpr (A == Activation::Tanh) return one - s * s;
+  else return one;
+}
+
 template <class T>
 PHYSAI_INLINE void backprop_rows_impl(int64_t rows, int64_t m, int64_t k, T os, const T* G, const T* a, const T* D1,
                                       T* dZ, T* D2) {
@@ -263,11 +272,11 @@ namespace {
 // backprop_single_output_sums for the columns [j0, m) in blocks of Width vectors U (a Vec, or one T for the last
 // columns), the sums of each block held in registers across all the rows: each value of dZ and each sum the same
 // expressions, in the same order, as backprop_rows (k = 1) and simd::accumulate_columns (the column sums of
-// small_gemm's G^T S and of add_column_sums: even and odd rows apart, added at the end). Returns where the full
-// blocks end.
-template <class U, int Width, class T>
+// small_gemm's G^T S and of add_column_sums: even and odd rows apart, added at the end). Slope::at<U>(D1 + i, S + i)
+// gives sigma' at element i (SlopeFromD1, or SlopeFromS). Returns where the full blocks end.
+template <class Slope, class U, int Width, class T>
 PHYSAI_INLINE int64_t backprop_sums_columns(int64_t j0, int64_t rows, int64_t m, T os, const T* G, const T* a,
-                                            const T* S, T* D, T beta, T* da, T* db) {
+                                            const T* S, const T* D1, T* dZ, T beta, T* da, T* db) {
   constexpr int64_t lanes = sizeof(U) / sizeof(T), cols = lanes * Width;
   for (; j0 + cols <= m; j0 += cols) {
     U av[Width], da_even[Width] = {}, da_odd[Width] = {}, db_even[Width] = {}, db_odd[Width] = {};
@@ -276,10 +285,13 @@ PHYSAI_INLINE int64_t backprop_sums_columns(int64_t j0, int64_t rows, int64_t m,
       const T g = G[l];
       for (int w = 0; w < Width; ++w) {
         const int64_t at = l * m + j0 + w * lanes;
-        const U dz = load<U>(D + at) * (os * (g * av[w]));
-        store(D + at, dz);
+        const U dz = Slope::template at<U>(D1 + at, S + at) * (os * (g * av[w]));
+        store(dZ + at, dz);
         da_sum[w] += g * load<U>(S + at);
         db_sum[w] += dz;
+        // One column's sums stay opaque scalars: GCC would vectorize the rows into an in-order reduction that
+        // multiplies in a vector and adds lane by lane, unfused, which changes the bits.
+        if constexpr (lanes == 1) asm("" : "+x"(da_sum[w]), "+x"(db_sum[w]));
       }
     };
     int64_t l = 0;
@@ -301,26 +313,56 @@ PHYSAI_INLINE int64_t backprop_sums_columns(int64_t j0, int64_t rows, int64_t m,
   return j0;
 }
 
-template <class T>
-PHYSAI_INLINE void backprop_single_output_sums_impl(int64_t rows, int64_t m, T os, const T* G, const T* a, const T* S,
-                                                    T* D, T beta, T* da, T* db) {
+struct SlopeFromD1 {
+  template <class U, class T>
+  static PHYSAI_INLINE U at(const T* D1, const T*) {
+    return load<U>(D1);
+  }
+};
+template <Activation A>
+struct SlopeFromS {
+  template <class U, class T>
+  static PHYSAI_INLINE U at(const T*, const T* S) {
+    return slope_of_value<A>(load<U>(S));
+  }
+};
+
+template <class Slope, class T>
+PHYSAI_INLINE void backprop_sums_all_columns(int64_t rows, int64_t m, T os, const T* G, const T* a, const T* S,
+                                             const T* D1, T* dZ, T beta, T* da, T* db) {
   using V = typename simd::Vec<T>::type;
-  int64_t j = backprop_sums_columns<V, 2>(0, rows, m, os, G, a, S, D, beta, da, db);
-  j = backprop_sums_columns<V, 1>(j, rows, m, os, G, a, S, D, beta, da, db);
-  backprop_sums_columns<T, 1>(j, rows, m, os, G, a, S, D, beta, da, db);
+  int64_t j = backprop_sums_columns<Slope, V, 2>(0, rows, m, os, G, a, S, D1, dZ, beta, da, db);
+  j = backprop_sums_columns<Slope, V, 1>(j, rows, m, os, G, a, S, D1, dZ, beta, da, db);
+  backprop_sums_columns<Slope, T, 1>(j, rows, m, os, G, a, S, D1, dZ, beta, da, db);
+}
+
+template <class T>
+PHYSAI_INLINE void backprop_single_output_sums_impl(Activation act, int64_t rows, int64_t m, T os, const T* G,
+                                                    const T* a, const T* S, const T* D1, T* dZ, T beta, T* da,
+                                                    T* db) {
+  if (D1) return backprop_sums_all_columns<SlopeFromD1>(rows, m, os, G, a, S, D1, dZ, beta, da, db);
+  switch (act) {
+    case Activation::Relu:
+      return backprop_sums_all_columns<SlopeFromS<Activation::Relu>>(rows, m, os, G, a, S, D1, dZ, beta, da, db);
+    case Activation::Tanh:
+      return backprop_sums_all_columns<SlopeFromS<Activation::Tanh>>(rows, m, os, G, a, S, D1, dZ, beta, da, db);
+    default:
+      return backprop_sums_all_columns<SlopeFromS<Activation::Linear>>(rows, m, os, G, a, S, D1, dZ, beta, da, db);
+  }
 }
 
 }  // namespace
 
-PHYSAI_VECTOR_CLONES void backprop_single_output_sums(int64_t rows, int64_t m, float os, const float* G,
-                                                      const float* a, const float* S, float* D, float beta, float* da,
-                                                      float* db) {
-  backprop_single_output_sums_impl(rows, m, os, G, a, S, D, beta, da, db);
+PHYSAI_VECTOR_CLONES void backprop_single_output_sums(Activation act, int64_t rows, int64_t m, float os,
+                                                      const float* G, const float* a, const float* S,
+                                                      const float* D1, float* dZ, float beta, float* da, float* db) {
+  backprop_single_output_sums_impl(act, rows, m, os, G, a, S, D1, dZ, beta, da, db);
 }
-PHYSAI_VECTOR_CLONES void backprop_single_output_sums(int64_t rows, int64_t m, double os, const double* G,
-                                                      const double* a, const double* S, double* D, double beta,
-                                                      double* da, double* db) {
-  backprop_single_output_sums_impl(rows, m, os, G, a, S, D, beta, da, db);
+PHYSAI_VECTOR_CLONES void backprop_single_output_sums(Activation act, int64_t rows, int64_t m, double os,
+                                                      const double* G, const double* a, const double* S,
+                                                      const double* D1, double* dZ, double beta, double* da,
+                                                      double* db) {
+  backprop_single_output_sums_impl(act, rows, m, os, G, a, S, D1, dZ, beta, da, db);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -328,15 +370,6 @@ PHYSAI_VECTOR_CLONES void backprop_single_output_sums(int64_t rows, int64_t m, d
 // ---------------------------------------------------------------------------------------------------------------
 
 namespace {
-
-// sigma' from sigma's value s (U: a Vec or one T), the same expressions as activate() applies to its own value.
-template <Activation A, class U>
-PHYSAI_INLINE U slope_of_value(U s) {
-  const U zero = U{}, one = zero + 1;
-  if constexpr (A == Activation::Relu) return s > zero ? one : zero;
-  else if constexpr (A == Activation::Tanh) return one - s * s;
-  else return one;
-}
 
 // dZ_r = os (sum_j G_rj a_j) slope(source_r) for R rows at columns [q, q + W vectors of U) (U: a Vec, or one T):
 // R x W sums held in registers across the sum over the k outputs, so that each vector of a, loaded once per output,

@@ -35,13 +35,16 @@ void backprop_rows(int64_t rows, int64_t m, int64_t k, float os, const float* G,
 void backprop_rows(int64_t rows, int64_t m, int64_t k, double os, const double* G, const double* a, const double* D1,
                    double* dZ, double* D2);
 
-// One output (k = 1), a tile's backward in one pass over it: D = dZ = D sigma'-values times os G_r a (backprop_rows,
-// in place), da = os G^T S + beta da and, with db, db += the column sums of dZ, each value with the bits of
-// backprop_rows, small_gemm and add_column_sums, which take three passes (and their loop and call overheads).
-void backprop_single_output_sums(int64_t rows, int64_t m, float os, const float* G, const float* a, const float* S,
-                                 float* D, float beta, float* da, float* db);
-void backprop_single_output_sums(int64_t rows, int64_t m, double os, const double* G, const double* a,
-                                 const double* S, double* D, double beta, double* da, double* db);
+// One output (k = 1), a tile's backward in one pass over it: dZ = sigma' times os G_r a (backprop_rows), da = os G^T S
+// + beta da and, with db, db += the column sums of dZ, each value with the bits of backprop_rows, small_gemm and
+// add_column_sums, which take three passes (and their loop and call overheads). sigma' is read from D1 (dZ may be
+// D1, to write in place), or with D1 null from S (relu, tanh and linear only: slope_from_value in kernels.hpp; the
+// activation pass then need not write D1, and this pass reads S alone).
+void backprop_single_output_sums(Activation act, int64_t rows, int64_t m, float os, const float* G, const float* a,
+                                 const float* S, const float* D1, float* dZ, float beta, float* da, float* db);
+void backprop_single_output_sums(Activation act, int64_t rows, int64_t m, double os, const double* G,
+                                 const double* a, const double* S, const double* D1, double* dZ, double beta,
+                                 double* da, double* db);
 
 // The chain rule into the hidden layer that a forward saved (backward_saved), for `cols` hidden units (a block of
 // columns) of each row: dZ_r = os (sum_j G_rj a_j) sigma'_r. G is [rows, k]; a, S, D1 and dZ point at the block's
