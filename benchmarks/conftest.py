@@ -18,7 +18,7 @@ def sgemm_rate_nearby(request):
     each kernel with the rate of its own minutes rather than with the rate at the start and end of the run."""
     yield
     benchmark = request.node.funcargs.get("benchmark")
-    if benchmark is None or not benchmark.extra_info.get("flops"):
+    if benchmark is None or benchmark.disabled or not benchmark.extra_info.get("flops"):
         return
     benchmark.extra_info["sgemm_gflops"] = 2 * SGEMM_SIZE**3 / median_of(sgemm_times(repeats=5)) / 1e9
     time.sleep(OPENBLAS_SPIN_SECONDS)

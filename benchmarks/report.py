@@ -10,12 +10,12 @@ below 1 expresses a bound ("within 4x of memset" is goal 0.25).
     python benchmarks/report.py --json out.json # also write the table and raw medians
 
 Compute-bound benchmarks declare their FLOP count in ``benchmark.extra_info["flops"]`` (and optionally a goal as a
-fraction of the machine's sgemm rate in ``extra_info["sgemm_goal"]``). The sgemm rate (numpy float32 matmul of a
-square SGEMM_SIZE product, the median of its timings) is measured right after each such benchmark
-(``extra_info["sgemm_gflops"]``, see conftest.py), and report.py prints each one's FLOP count, GFLOP/s and fraction
-of that nearby rate; it also measures the rate before and after the whole run, for the machine line. Modules may also declare ``MEMORY``,
-``(label, baseline_test, subject_test, goal)`` over ``extra_info["peak_mib"]`` (peak resident memory of one call),
-judged as baseline / subject like a ratio.
+fraction of the machine's sgemm rate in ``extra_info["sgemm_goal"]``). The sgemm rate (numpy float32 matmul of
+a square SGEMM_SIZE product, the median of its timings) is measured right after each such benchmark
+(``extra_info["sgemm_gflops"]``, see conftest.py), and report.py prints each one's FLOP count, GFLOP/s and
+fraction of that nearby rate; it also measures the rate before and after the whole run, for the machine line.
+Modules may also declare ``MEMORY``, ``(label, baseline_test, subject_test, goal)`` over ``extra_info["peak_mib"]``
+(peak resident memory of one call), judged as baseline / subject like a ratio.
 """
 from __future__ import annotations
 

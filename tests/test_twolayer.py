@@ -185,7 +185,7 @@ def lone_member_rows():
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "linear", "gelu"])
 def test_lone_member_row_blocks_match_reference(activation, loss):
     # A lone small member runs fixed row blocks in parallel and sums their gradients (and HVPs) in block order.
     net, X, Y, v = make_problem(activation, loss, "mup", E=1, n=lone_member_rows(), d=6, m=9, k=3)
@@ -194,7 +194,7 @@ def test_lone_member_row_blocks_match_reference(activation, loss):
 
 @pytest.mark.parametrize("batch", ["full", "half"])
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "linear", "gelu"])
 def test_lone_member_training_matches_reference(activation, loss, batch):
     # Training a lone member takes the row-block path too, with full batches and with mini-batches of half the rows.
     n = lone_member_rows()
@@ -231,11 +231,14 @@ def kernel_paths():
             "ensemble": (5, 300, 33, 40)}
 
 
+# k = 1 with tanh: on one thread a member's backward takes the single pass that reads sigma' off S; split over threads,
+# the three passes with D1.
+@pytest.mark.parametrize("activation,k", [("gelu", 2), ("tanh", 1)])
 @pytest.mark.parametrize("path", kernel_paths())
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_kernels_do_not_depend_on_thread_count(dtype, path):
+def test_kernels_do_not_depend_on_thread_count(dtype, path, activation, k):
     E, n, d, m = kernel_paths()[path]
-    net, X, Y, v = make_problem("gelu", "mse", "ntk", dtype, E=E, n=n, d=d, m=m, k=2)
+    net, X, Y, v = make_problem(activation, "mse", "ntk", dtype, E=E, n=n, d=d, m=m, k=k)
 
     def compute():
         value, grads = net.loss_and_grad(X, Y)
@@ -277,17 +280,17 @@ def test_training_does_not_depend_on_thread_count(dtype, E, schedule):
     assert_same_bits_for_any_thread_count(compute)
 
 
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "linear", "gelu"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_single_output_backward_pass_gives_the_bits_of_its_three_passes(dtype, bias, activation):
     # An ensemble member's backward with one output runs dZ, G^T S and the bias sums in one pass
-    # (backprop_single_output_sums), taking sigma' from S; a tracked step takes its gradient from the Hessian
-    # operator's caches through the three separate passes (backprop, small GEMM, column sums), with sigma' from S
-    # (tanh) or from the activation pass's D1 (relu). Both must give the same bits, so for members whose rows make
-    # one tile (n <= 128 here; longer batches cut the untracked step's rows into blocks) tracking the sharpness
-    # leaves the trajectory as it is. Widths 3 to 70 run every column block and tail of the one pass; n odd and
-    # even, the last row of the even/odd sums.
+    # (backprop_single_output_sums), taking sigma' from S (tanh, relu, linear) or from D1 in place (gelu); a tracked
+    # step takes its gradient from the Hessian operator's caches through the three separate passes (backprop, small
+    # GEMM, column sums), with sigma' from S (tanh) or from the activation pass's D1 (the others). Both must give the
+    # same bits, so for members whose rows make one tile (n <= 128 here; longer batches cut the untracked step's
+    # rows into blocks) tracking the sharpness leaves the trajectory as it is. Widths 3 to 70 run every column block
+    # and tail of the one pass; n odd and even, the last row of the even/odd sums.
     for m, n in ((3, 7), (13, 64), (37, 33), (70, 128)):
         runs = []
         for track in (None, 1):

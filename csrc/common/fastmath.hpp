@@ -13,7 +13,7 @@ struct Traits;
 
 template <>
 struct Traits<float> {
-  using Bits = int32_t;
+  using Bits = uint32_t;  // unsigned: a NaN's bits shifted below must not overflow a signed type
   static constexpr float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the mantissa
   static constexpr int mantissa_bits = 23, bias = 127, degree = 8;
   static constexpr float ln2_hi = 0.693145751953125f, ln2_lo = 1.428606765330187e-06f;
@@ -22,7 +22,7 @@ struct Traits<float> {
 
 template <>
 struct Traits<double> {
-  using Bits = int64_t;
+  using Bits = uint64_t;
   static constexpr double shifter = 6755399441055744.0;  // 1.5 * 2^52
   static constexpr int mantissa_bits = 52, bias = 1023, degree = 14;
   static constexpr double ln2_hi = 0.6931471803691238, ln2_lo = 1.9082149292705877e-10;
@@ -69,7 +69,7 @@ __attribute__((always_inline)) inline T expm1(T x) {
   const T n = shifted - shifter;
   const T r = (x - n * ln2_hi) - n * ln2_lo;
   const T p = horner<T, Tr::degree>(r, T(0));  // sum_{i>=1} r^i / i!
-  const auto exponent = bits_of(shifted) - bits_of(shifter);  // n as an integer
+  const auto exponent = bits_of(shifted) - bits_of(shifter);  // n as an integer (mod 2^bits)
   const T scale = from_bits<T>((exponent + Tr::bias) << Tr::mantissa_bits);
   return scale * p + (scale - T(1));
 }

@@ -126,6 +126,15 @@ PHYSAI_INLINE void for_combined_columns(int64_t k, int64_t m, const T* c, const 
       k, m, [&](int64_t j, int64_t q, auto lanes) { return c[j] * load<decltype(lanes)>(A + j * m + q); }, body);
 }
 
+// v, which GCC can no longer see through: it cannot fuse the operation that made v into a later one, nor vectorise a
+// loop that holds the asm (a vectoriser that turns a loop's scalar sums into an in-order reduction multiplies in a
+// vector and adds lane by lane, unfused, which changes the bits of a multiply-add chain).
+template <class V>
+PHYSAI_INLINE V opaque(V v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
 // c[j] = beta c[j] + alpha sum_l coef(l) B[l, j] for j in [j0, N), in blocks of U (a Vec, or one T for
 // the last columns), `Width` of them held in registers across the whole sum over l (accumulating into c would chain
 // every l through a store and a reload). Even and odd l go to separate sums, added at the end, so that consecutive
@@ -142,6 +151,7 @@ PHYSAI_INLINE int64_t accumulate_columns(int64_t j0, int64_t N, int64_t K, T alp
       for (int w = 0; w < Width; ++w) {
         even[w] += s0 * load<U>(B + l * ldb + j0 + w * lanes);
         odd[w] += s1 * load<U>(B + (l + 1) * ldb + j0 + w * lanes);
+        if constexpr (lanes == 1) even[w] = opaque(even[w]), odd[w] = opaque(odd[w]);  // stays a fused chain
       }
     }
     if (l < K)

@@ -58,39 +58,34 @@ void zero_gradients(const Net<T>& net, T* dW, T* db, T* da) {
   std::fill(da, da + net.k * net.m, T(0));
 }
 
-// Whether a tile's backward takes the single pass of backprop_single_output_sums (one output, one thread), and
-// whether sigma' then comes from S, so that the activation pass need not write D1.
+// Whether a tile's backward takes the single pass of backprop_single_output_sums (one output, one thread).
 template <class T>
 bool single_output_pass(const Net<T>& net, bool parallel) {
   return net.k == 1 && !parallel;
 }
-template <class T>
-bool slope_from_S(const Net<T>& net, bool parallel) {
-  return single_output_pass(net, parallel) && slope_from_value(net.activation);
-}
 
 // Backward of one tile given its output gradients G_t [rows, k]: accumulates da, dW, db (beta = 0 on the first tile)
-// and writes dX_t. S holds sigma(Z) of the tile and D1 sigma'(Z) (unwritten where slope_from_S); D1 is overwritten
-// with dZ.
+// and writes dX_t. S holds sigma(Z) of the tile and D1 sigma'(Z), or D1 is null where the single pass takes sigma'
+// from S; dZ (which may be D1, to write in place) receives dZ.
 template <class T>
-void backward_tile(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, const T* S, T* D1, const T* G_t,
-                   bool first, T* dW, T* db, T* da, T* dX_t, bool parallel) {
+void backward_tile(const Net<T>& net, int64_t e, const T* X_t, int64_t rows, const T* S, const T* D1, T* dZ,
+                   const T* G_t, bool first, T* dW, T* db, T* da, T* dX_t, bool parallel) {
   const int64_t m = net.m, d = net.d, k = net.k;
   const T beta = first ? T(0) : T(1);
   if (db && first) std::fill(db, db + m, T(0));
   if (single_output_pass(net, parallel)) {  // the three passes below in one, with the same bits
-    backprop_single_output_sums(net.activation, rows, m, net.output_scale, G_t, net.a_of(e), S,
-                                slope_from_S(net, parallel) ? nullptr : D1, D1, beta, da, db);
+    backprop_single_output_sums(net.activation, rows, m, net.output_scale, G_t, net.a_of(e), S, D1, dZ, beta, da,
+                                db);
   } else {
     gemm(parallel, Trans::Yes, Trans::No, k, m, rows, net.output_scale, G_t, k, S, m, beta, da, m);
     over_row_tasks(rows, parallel, [&](int64_t r0, int64_t count) {
-      backprop_rows(count, m, k, net.output_scale, G_t + r0 * k, net.a_of(e), D1 + r0 * m, D1 + r0 * m,
+      backprop_rows(count, m, k, net.output_scale, G_t + r0 * k, net.a_of(e), D1 + r0 * m, dZ + r0 * m,
                     static_cast<T*>(nullptr));
     });
-    if (db) add_column_sums(D1, rows, m, db);
+    if (db) add_column_sums(dZ, rows, m, db);
   }
-  gemm(parallel, Trans::Yes, Trans::No, m, d, rows, net.input_scale, D1, m, X_t, d, beta, dW, d);
-  if (dX_t) gemm(parallel, Trans::No, Trans::No, rows, d, m, net.input_scale, D1, m, net.W_of(e), d, T(0), dX_t, d);
+  gemm(parallel, Trans::Yes, Trans::No, m, d, rows, net.input_scale, dZ, m, X_t, d, beta, dW, d);
+  if (dX_t) gemm(parallel, Trans::No, Trans::No, rows, d, m, net.input_scale, dZ, m, net.W_of(e), d, T(0), dX_t, d);
 }
 
 // Forward and backward of one member over rows [0, n) of net (a view, possibly of a mini-batch), tile by tile.
@@ -100,14 +95,15 @@ template <class T, class OutputGrad>
 void member_backward(const Net<T>& net, int64_t e, T* dW, T* db, T* da, T* dX, bool parallel,
                      OutputGrad&& output_grad) {
   const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
-  const auto S = Scratch<T>(tile * m), D1 = Scratch<T>(tile * m), G = Scratch<T>(tile * k);
+  const auto S = Scratch<T>(tile * m), dZ = Scratch<T>(tile * m), G = Scratch<T>(tile * k);
+  // sigma' in dZ's buffer, where the backward overwrites it; none where the single pass reads it off S
+  T* D1 = single_output_pass(net, parallel) && slope_from_value(net.activation) ? nullptr : dZ.get();
   const T* X = net.X_of(e);
   for (int64_t r0 = 0; r0 < n; r0 += tile) {
     const int64_t rows = std::min(tile, n - r0);
-    hidden(net, e, X + r0 * d, rows, S.get(), slope_from_S(net, parallel) ? static_cast<T*>(nullptr) : D1.get(),
-           static_cast<T*>(nullptr), parallel);
+    hidden(net, e, X + r0 * d, rows, S.get(), D1, static_cast<T*>(nullptr), parallel);
     const T* G_t = output_grad(r0, rows, static_cast<const T*>(S.get()), G.get());
-    backward_tile(net, e, X + r0 * d, rows, S.get(), D1.get(), G_t, r0 == 0, dW, db, da,
+    backward_tile(net, e, X + r0 * d, rows, S.get(), D1, dZ.get(), G_t, r0 == 0, dW, db, da,
                   dX ? dX + r0 * d : static_cast<T*>(nullptr), parallel);
   }
   if (n == 0) zero_gradients(net, dW, db, da);  // no tile ran

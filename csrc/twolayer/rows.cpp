@@ -272,8 +272,8 @@ namespace {
 // backprop_single_output_sums for the columns [j0, m) in blocks of Width vectors U (a Vec, or one T for the last
 // columns), the sums of each block held in registers across all the rows: each value of dZ and each sum the same
 // expressions, in the same order, as backprop_rows (k = 1) and simd::accumulate_columns (the column sums of
-// small_gemm's G^T S and of add_column_sums: even and odd rows apart, added at the end). Slope::at<U>(D1 + i, S + i)
-// gives sigma' at element i (SlopeFromD1, or SlopeFromS). Returns where the full blocks end.
+// small_gemm's G^T S and of add_column_sums: even and odd rows apart, added at the end). Slope::at<U>(D1, S, i)
+// gives sigma' at element i (SlopeFromD1, or SlopeFromS with D1 null). Returns where the full blocks end.
 template <class Slope, class U, int Width, class T>
 PHYSAI_INLINE int64_t backprop_sums_columns(int64_t j0, int64_t rows, int64_t m, T os, const T* G, const T* a,
                                             const T* S, const T* D1, T* dZ, T beta, T* da, T* db) {
@@ -285,13 +285,11 @@ PHYSAI_INLINE int64_t backprop_sums_columns(int64_t j0, int64_t rows, int64_t m,
       const T g = G[l];
       for (int w = 0; w < Width; ++w) {
         const int64_t at = l * m + j0 + w * lanes;
-        const U dz = Slope::template at<U>(D1 + at, S + at) * (os * (g * av[w]));
+        const U dz = Slope::template at<U>(D1, S, at) * (os * (g * av[w]));
         store(dZ + at, dz);
         da_sum[w] += g * load<U>(S + at);
         db_sum[w] += dz;
-        // One column's sums stay opaque scalars: GCC would vectorize the rows into an in-order reduction that
-        // multiplies in a vector and adds lane by lane, unfused, which changes the bits.
-        if constexpr (lanes == 1) asm("" : "+x"(da_sum[w]), "+x"(db_sum[w]));
+        if constexpr (lanes == 1) da_sum[w] = simd::opaque(da_sum[w]), db_sum[w] = simd::opaque(db_sum[w]);
       }
     };
     int64_t l = 0;
@@ -315,15 +313,15 @@ PHYSAI_INLINE int64_t backprop_sums_columns(int64_t j0, int64_t rows, int64_t m,
 
 struct SlopeFromD1 {
   template <class U, class T>
-  static PHYSAI_INLINE U at(const T* D1, const T*) {
-    return load<U>(D1);
+  static PHYSAI_INLINE U at(const T* D1, const T*, int64_t i) {
+    return load<U>(D1 + i);
   }
 };
 template <Activation A>
 struct SlopeFromS {
   template <class U, class T>
-  static PHYSAI_INLINE U at(const T*, const T* S) {
-    return slope_of_value<A>(load<U>(S));
+  static PHYSAI_INLINE U at(const T*, const T* S, int64_t i) {
+    return slope_of_value<A>(load<U>(S + i));
   }
 };
 
