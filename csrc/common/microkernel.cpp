@@ -85,6 +85,10 @@ PHYSAI_INLINE void tile(int64_t K, T alpha, const T* A, int64_t lda, const T* B,
   constexpr int64_t L = Lanes<T, Bytes>::count;
   const auto load_vector = [last](const T* p, bool whole) { return whole ? load<V>(p) : load_first(p, last, V{}); };
   V acc[R][NV] = {};
+  // Unrolled: in the flattened entry points GCC keeps this loop's counter on the stack, and a load, add and store of
+  // it every step held A^T B back (the weight gradient's product 6-48% faster unrolled by 4, alternating in one
+  // process; A B^T unchanged). The chains' order, and so the bits, stay as they are.
+#pragma GCC unroll 4
   for (int64_t l = 0; l < K; ++l) {
     V b[NV];
 #pragma GCC unroll 8
