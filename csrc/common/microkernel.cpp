@@ -74,8 +74,6 @@ PHYSAI_AVX2 inline void store_first(double* p, int64_t n, f64x4 v) {
 template <int Bytes>
 constexpr int kAccumulators = Bytes == 64 ? 24 : 12;
 
-// C = round(alpha acc) + beta C, one fused multiply-add, on every instruction set: which of the two products of
-// alpha acc + beta C GCC would fuse differs between them, so alpha acc goes through simd::opaque.
 // Rows R by NV vectors of C at C, from rows of A (A(i, l) at A[i lda + l], or A[l lda + i] when ATrans) and rows of
 // B (ldb apart); when Partial, only the first `last` lanes of the last vector are C's (and B's).
 template <class T, int Bytes, int R, int NV, bool ATrans, bool Partial>
@@ -106,6 +104,8 @@ PHYSAI_INLINE void tile(int64_t K, T alpha, const T* A, int64_t lda, const T* B,
     for (int v = 0; v < NV; ++v) {
       T* c = C + r * ldc + v * L;
       const bool whole = !Partial || v < NV - 1;
+      // C = round(alpha acc) + beta C, one fused multiply-add on every instruction set: which of the two products
+      // of alpha acc + beta C GCC would fuse differs between them, so alpha acc goes through simd::opaque.
       const V scaled = simd::opaque(alpha * acc[r][v]);
       const V out = beta == T(0) ? scaled : scaled + beta * load_vector(c, whole);
       if (whole)

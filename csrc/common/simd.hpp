@@ -11,6 +11,9 @@
 // clone templates or lambdas: entry points are plain overloads for float and double around an always-inline template.
 #define PHYSAI_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define PHYSAI_INLINE __attribute__((always_inline)) inline
+// The same for a lambda handed to such templates: one left out of line is compiled once, for the baseline
+// instruction set (no fused multiply-adds), not for each clone, which changes its bits and its speed.
+#define PHYSAI_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace physai::simd {
 

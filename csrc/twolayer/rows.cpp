@@ -219,6 +219,22 @@ PHYSAI_INLINE U slope_of_value(U s) {
   else return one;
 }
 
+// body(source, slope), where slope(v) gives sigma' from v, the value at the same place of source: D1 itself, or
+// with D1 null sigma' from S (relu, tanh and linear only: slope_from_value in kernels.hpp). Its lambdas and the
+// bodies given to it are PHYSAI_INLINE_LAMBDA.
+template <class T, class Body>
+PHYSAI_INLINE void with_slope(Activation act, const T* S, const T* D1, Body&& body) {
+  if (D1) return body(D1, [](auto d1) PHYSAI_INLINE_LAMBDA { return d1; });
+  switch (act) {
+    case Activation::Relu:
+      return body(S, [](auto s) PHYSAI_INLINE_LAMBDA { return slope_of_value<Activation::Relu>(s); });
+    case Activation::Tanh:
+      return body(S, [](auto s) PHYSAI_INLINE_LAMBDA { return slope_of_value<Activation::Tanh>(s); });
+    default:
+      return body(S, [](auto s) PHYSAI_INLINE_LAMBDA { return slope_of_value<Activation::Linear>(s); });
+  }
+}
+
 template <class T>
 PHYSAI_INLINE void backprop_rows_impl(int64_t rows, int64_t m, int64_t k, T os, const T* G, const T* a, const T* D1,
                                       T* dZ, T* D2) {
@@ -272,11 +288,12 @@ namespace {
 // backprop_single_output_sums for the columns [j0, m) in blocks of Width vectors U (a Vec, or one T for the last
 // columns), the sums of each block held in registers across all the rows: each value of dZ and each sum the same
 // expressions, in the same order, as backprop_rows (k = 1) and simd::accumulate_columns (the column sums of
-// small_gemm's G^T S and of add_column_sums: even and odd rows apart, added at the end). Slope::at<U>(D1, S, i)
-// gives sigma' at element i (SlopeFromD1, or SlopeFromS with D1 null). Returns where the full blocks end.
-template <class Slope, class U, int Width, class T>
+// small_gemm's G^T S and of add_column_sums: even and odd rows apart, added at the end). sigma' is slope(v) of the
+// value v at the same place of source (with_slope). Returns where the full blocks end.
+template <class U, int Width, class T, class Slope>
 PHYSAI_INLINE int64_t backprop_sums_columns(int64_t j0, int64_t rows, int64_t m, T os, const T* G, const T* a,
-                                            const T* S, const T* D1, T* dZ, T beta, T* da, T* db) {
+                                            const T* S, const T* source, Slope& slope, T* dZ, T beta, T* da,
+                                            T* db) {
   constexpr int64_t lanes = sizeof(U) / sizeof(T), cols = lanes * Width;
   for (; j0 + cols <= m; j0 += cols) {
     U av[Width], da_even[Width] = {}, da_odd[Width] = {}, db_even[Width] = {}, db_odd[Width] = {};
@@ -285,7 +302,7 @@ PHYSAI_INLINE int64_t backprop_sums_columns(int64_t j0, int64_t rows, int64_t m,
       const T g = G[l];
       for (int w = 0; w < Width; ++w) {
         const int64_t at = l * m + j0 + w * lanes;
-        const U dz = Slope::template at<U>(D1, S, at) * (os * (g * av[w]));
+        const U dz = slope(load<U>(source + at)) * (os * (g * av[w]));
         store(dZ + at, dz);
         da_sum[w] += g * load<U>(S + at);
         db_sum[w] += dz;
@@ -311,42 +328,16 @@ PHYSAI_INLINE int64_t backprop_sums_columns(int64_t j0, int64_t rows, int64_t m,
   return j0;
 }
 
-struct SlopeFromD1 {
-  template <class U, class T>
-  static PHYSAI_INLINE U at(const T* D1, const T*, int64_t i) {
-    return load<U>(D1 + i);
-  }
-};
-template <Activation A>
-struct SlopeFromS {
-  template <class U, class T>
-  static PHYSAI_INLINE U at(const T*, const T* S, int64_t i) {
-    return slope_of_value<A>(load<U>(S + i));
-  }
-};
-
-template <class Slope, class T>
-PHYSAI_INLINE void backprop_sums_all_columns(int64_t rows, int64_t m, T os, const T* G, const T* a, const T* S,
-                                             const T* D1, T* dZ, T beta, T* da, T* db) {
-  using V = typename simd::Vec<T>::type;
-  int64_t j = backprop_sums_columns<Slope, V, 2>(0, rows, m, os, G, a, S, D1, dZ, beta, da, db);
-  j = backprop_sums_columns<Slope, V, 1>(j, rows, m, os, G, a, S, D1, dZ, beta, da, db);
-  backprop_sums_columns<Slope, T, 1>(j, rows, m, os, G, a, S, D1, dZ, beta, da, db);
-}
-
 template <class T>
 PHYSAI_INLINE void backprop_single_output_sums_impl(Activation act, int64_t rows, int64_t m, T os, const T* G,
                                                     const T* a, const T* S, const T* D1, T* dZ, T beta, T* da,
                                                     T* db) {
-  if (D1) return backprop_sums_all_columns<SlopeFromD1>(rows, m, os, G, a, S, D1, dZ, beta, da, db);
-  switch (act) {
-    case Activation::Relu:
-      return backprop_sums_all_columns<SlopeFromS<Activation::Relu>>(rows, m, os, G, a, S, D1, dZ, beta, da, db);
-    case Activation::Tanh:
-      return backprop_sums_all_columns<SlopeFromS<Activation::Tanh>>(rows, m, os, G, a, S, D1, dZ, beta, da, db);
-    default:
-      return backprop_sums_all_columns<SlopeFromS<Activation::Linear>>(rows, m, os, G, a, S, D1, dZ, beta, da, db);
-  }
+  using V = typename simd::Vec<T>::type;
+  with_slope(act, S, D1, [&](const T* source, auto slope) PHYSAI_INLINE_LAMBDA {
+    int64_t j = backprop_sums_columns<V, 2>(0, rows, m, os, G, a, S, source, slope, dZ, beta, da, db);
+    j = backprop_sums_columns<V, 1>(j, rows, m, os, G, a, S, source, slope, dZ, beta, da, db);
+    backprop_sums_columns<T, 1>(j, rows, m, os, G, a, S, source, slope, dZ, beta, da, db);
+  });
 }
 
 }  // namespace
@@ -455,18 +446,9 @@ template <class T>
 PHYSAI_INLINE void backprop_saved_any(Activation act, int64_t rows, int64_t cols, int64_t k, T os, const T* G,
                                       const T* a, int64_t lda, const T* S, const T* D1, int64_t ld, T* dZ,
                                       int64_t ldz) {
-  if (D1) return backprop_saved_impl(rows, cols, k, os, G, a, lda, D1, ld, dZ, ldz, [](auto d1) { return d1; });
-  switch (act) {
-    case Activation::Relu:
-      return backprop_saved_impl(rows, cols, k, os, G, a, lda, S, ld, dZ, ldz,
-                                 [](auto s) { return slope_of_value<Activation::Relu>(s); });
-    case Activation::Tanh:
-      return backprop_saved_impl(rows, cols, k, os, G, a, lda, S, ld, dZ, ldz,
-                                 [](auto s) { return slope_of_value<Activation::Tanh>(s); });
-    default:
-      return backprop_saved_impl(rows, cols, k, os, G, a, lda, S, ld, dZ, ldz,
-                                 [](auto s) { return slope_of_value<Activation::Linear>(s); });
-  }
+  with_slope(act, S, D1, [&](const T* source, auto slope) PHYSAI_INLINE_LAMBDA {
+    backprop_saved_impl(rows, cols, k, os, G, a, lda, source, ld, dZ, ldz, slope);
+  });
 }
 
 }  // namespace
