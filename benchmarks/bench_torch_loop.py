@@ -21,13 +21,15 @@ LR = 1e-3
 # (id, n, d, m, k, goal of Sequential / TwoLayerModule). Goal 1.5 where torch is not GEMM-bound (d <= 128 or
 # m <= 256); 1.0 (never slower) at n=4096, d=m=1024, where torch already runs near the GEMM bound.
 # The two small sizes run with one output and with ten (the k of the large ones), so the output layer's small GEMMs
-# are measured where they are a large part of the step.
+# are measured where they are a large part of the step; a two-dimensional input (the toy data of many dynamics
+# studies) runs X W^T with a two-term sum and dZ^T X with two columns.
 POINTS = [
     ("n4096_d100_m1024_k10", 4096, 100, 1024, 10, 1.5),
     ("n256_d32_m64_k1", 256, 32, 64, 1, 1.5),
     ("n256_d32_m64_k10", 256, 32, 64, 10, 1.5),
     ("n1024_d64_m256_k1", 1024, 64, 256, 1, 1.5),
     ("n1024_d64_m256_k10", 1024, 64, 256, 10, 1.5),
+    ("n1024_d2_m256_k1", 1024, 2, 256, 1, 1.5),
     ("n4096_d1024_m1024_k10", 4096, 1024, 1024, 10, 1.0),
 ]
 IDS = [point[0] for point in POINTS]

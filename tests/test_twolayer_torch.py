@@ -496,6 +496,22 @@ def test_a_training_step_takes_the_saving_path_and_nothing_else_does():
         assert not saving_grad_fn(module(dual))
 
 
+@pytest.mark.parametrize(("ensemble", "x_shape"), [(None, (40, 5)), (None, (2, 3, 5)), (None, (5,)), (3, (40, 5)),
+                                                  (3, (3, 40, 5))],
+                         ids=["rows", "leading-dims", "one-sample", "ensemble-shared-X", "ensemble-own-X"])
+def test_evaluation_without_gradients_equals_torch_ops(ensemble, x_shape):
+    # Under torch.no_grad the module calls the native forward with no Function around it: same shapes and values
+    torch.manual_seed(5)
+    module = TwoLayerModule(5, 12, 3, "softplus", ensemble=ensemble, dtype=torch.float64)
+    X = torch.randn(*x_shape, dtype=torch.float64)
+    with torch.no_grad():
+        out = module(X)
+        reference = torch_reference(X, module.W, module.b, module.a, activation="softplus")
+    assert out.grad_fn is None and out.dtype == torch.float64
+    torch.testing.assert_close(out, reference.reshape(out.shape), rtol=1e-12, atol=1e-13)
+    assert out.shape == ((*x_shape[:-1], 3) if ensemble is None else (ensemble, x_shape[-2], 3))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("x_shape", [(40, 5), (2, 3, 5), (5,)], ids=["rows", "leading-dims", "one-sample"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])

@@ -39,21 +39,24 @@ void small_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, double alph
 // One block, then the blocked product
 // ---------------------------------------------------------------------------------------------------------------
 
-// One block: the plain loops when a dimension is tiny, the micro-kernels (microkernel.hpp) for the small products
-// they take, BLAS for the others. A B^T (the hidden layer X W^T) takes the micro-kernels whatever M: their bits do
-// not depend on it, so a row of a batch gets the same bits in a block of any height (a short last block of a split
-// product agrees with the same rows computed whole, as the drop-in's forward computes them). The other products
-// keep the plain loops for a tiny M (the k outputs' gradient G^T S): the micro-kernels there made the E = 256
-// ensemble's loss + grad 1.3x slower (measured).
+// One block. The plain loops take the products whose tiny dimension suits them: A B^T with a few columns (a dot
+// product per element: the k outputs S a^T), the others with a tiny M or K (rows of C as combinations of a few rows
+// of B: the output layer's G a, the k outputs' gradient G^T S, where the micro-kernels made the E = 256 ensemble's
+// loss + grad 1.3x slower, measured). The micro-kernels take the small products they fit, whatever M, including
+// A B^T with a short sum and A^T B or A B with a few columns (X W^T, dZ^T X and dZ W at d <= kSmallDim: as dot
+// products of a few terms, and rows of a few lanes, the forward was 7-60x and the weight gradient 3-7x slower,
+// measured at n = 1024, m = 256, d = 8 and 2). Their bits do not depend on M, so a row of a batch gets the same
+// bits in a block of any height (a short last block of a split product agrees with the same rows computed whole, as
+// the drop-in's forward computes them). BLAS takes the rest.
 template <class T>
 void block_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
                 int64_t ldb, T beta, T* C, int64_t ldc) {
-  const bool tiny_rows = M <= kSmallDim && !(ta == Trans::No && tb == Trans::Yes);
-  if (std::min(N, K) <= kSmallDim || tiny_rows)
+  const bool ab_t = ta == Trans::No && tb == Trans::Yes;
+  if (ab_t ? N <= kSmallDim : std::min(M, K) <= kSmallDim)
     small_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   else if (M > 0 && micro_fits(ta, tb, N, K) && micro_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc))
     return;
-  else if (M <= kSmallDim)
+  else if (std::min(M, N) <= kSmallDim)
     small_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   else
     blas::gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);

@@ -1,10 +1,11 @@
 // The register-blocked GEMM of microkernel.hpp. Every product becomes C = alpha A B + beta C with B read by rows
-// (K x N): A^T B and A B as they are, A B^T through a copy of B^T in scratch. C is cut into tiles of R rows by NV
-// vectors, whose R * NV accumulators stay in registers for the whole sum over K; per step l a tile loads NV vectors
-// of B's row l and broadcasts R elements of A, so the multiply-adds outnumber the loads and never wait on each
-// other. Columns past the last whole vector run as a one-vector tile whose loads and stores are masked, so the same
-// vector instructions compute every element. The kernel is one template over the vector width, flattened into an
-// entry point per instruction set (the GCC vector types of simd.hpp, at 64 bytes in the AVX-512 entry point).
+// (K x N): A^T B and A B as they are, A B^T through a copy of B^T in scratch, and A^T B with a few columns as its
+// transpose B^T A. C is cut into tiles of R rows by NV vectors, whose R * NV accumulators stay in registers for the
+// whole sum over K; per step l a tile loads NV vectors of B's row l and broadcasts R elements of A, so the
+// multiply-adds outnumber the loads and never wait on each other. Columns past the last whole vector run as a
+// one-vector tile whose loads and stores are masked, so the same vector instructions compute every element. The
+// kernel is one template over the vector width, flattened into an entry point per instruction set (the GCC vector
+// types of simd.hpp, at 64 bytes in the AVX-512 entry point).
 #include "common/microkernel.hpp"
 
 #include <immintrin.h>
@@ -207,7 +208,17 @@ PHYSAI_INLINE void transpose(int64_t N, int64_t K, const T* B, int64_t ldb, T* B
 template <class T, int Bytes>
 PHYSAI_INLINE void micro_gemm_impl(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
                                    int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (ta == Trans::Yes) {
+  if (ta == Trans::Yes && N <= kNarrowColumns) {
+    // A few columns would fill a sliver of each vector: C^T = B^T A runs its tiles along M instead (a full vector of
+    // rows of C per load of A), into scratch, then back with beta C. Each element is still one chain over l in order.
+    const Scratch<T> Ct(N * M);
+    multiply<T, Bytes, true>(N, M, K, alpha, B, ldb, A, lda, T(0), Ct.get(), M);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        const T scaled = Ct[j * M + i];
+        C[i * ldc + j] = beta == T(0) ? scaled : scaled + beta * C[i * ldc + j];
+      }
+  } else if (ta == Trans::Yes) {
     multiply<T, Bytes, true>(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   } else if (tb == Trans::No) {
     multiply<T, Bytes, false>(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);

@@ -117,10 +117,10 @@ constexpr int64_t kLoopOutputs = 32;
 template <class T>
 void member_forward(const Net<T>& net, int64_t e, T* F, bool parallel) {
   const int64_t m = net.m, k = net.k, d = net.d, n = net.n, tile = tile_rows<T>(n, m);
-  const auto S = Scratch<T>(tile * m), D1 = Scratch<T>(tile * m);
+  const auto S = Scratch<T>(tile * m);
   for (int64_t r0 = 0; r0 < n; r0 += tile) {
     const int64_t rows = std::min(tile, n - r0);
-    hidden(net, e, net.X_of(e) + r0 * d, rows, S.get(), D1.get(), static_cast<T*>(nullptr), parallel);
+    hidden(net, e, net.X_of(e) + r0 * d, rows, S.get(), static_cast<T*>(nullptr), static_cast<T*>(nullptr), parallel);
     if (k <= kLoopOutputs)
       over_row_tasks(rows, parallel, [&](int64_t q0, int64_t count) {
         output_layer_rows(count, m, k, net.output_scale, S.get() + q0 * m, net.a_of(e), F + (r0 + q0) * k);

@@ -126,7 +126,9 @@ PHYSAI_INLINE void output_layer_block(int64_t m, int64_t k, T os, const T* S, co
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) {
       T t = total[r * J + j];
-      for (int64_t p = q; p < m; ++p) t += S[r * m + p] * a[j * m + p];
+      // opaque: in some blocks GCC vectorised this loop into an in-order reduction (vmulpd, then vaddsd lane by
+      // lane), unfused, and a row's output differed by the block it fell in (found at float64, m = 70, k = 1)
+      for (int64_t p = q; p < m; ++p) t = simd::opaque(t + S[r * m + p] * a[j * m + p]);
       F[r * k + j] = os * t;
     }
 }
