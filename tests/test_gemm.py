@@ -30,7 +30,7 @@ def widths(dtype):
 
 
 # Rows of one member: a short block of 13 (a full register tile and a remainder, or tiles of 8, 4 and 1 rows); a full
-# block of gemm_block rows, then 13; three full blocks and a last one of small_dim rows, which goes to the plain loops.
+# block of gemm_block rows, then 13; three full blocks and a last one of small_dim rows, on the whole product's path.
 ROWS = [13, SCHEDULE["gemm_block"] + 13, 3 * SCHEDULE["gemm_block"] + SCHEDULE["small_dim"]]
 
 
@@ -131,16 +131,34 @@ def test_same_bits_for_any_thread_count(dtype, narrow):
     assert_same_bits_for_any_thread_count(compute)
 
 
-@pytest.mark.parametrize("narrow", [False, True], ids=["wide", "narrow"])
+@pytest.mark.parametrize(("d", "m"), [("wide", "lanes"), (3, "lanes"), (3, 70), ("wide", 70)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_a_row_does_not_depend_on_its_block(dtype, narrow):
+def test_a_row_does_not_depend_on_its_block(dtype, d, m):
     # Each element of X W^T is one chain of multiply-adds over d, whichever block and register tile computes it:
     # the first rows of a batch give the same outputs alone (one short block) as in a longer batch (a full block).
+    # With m = 70 the short batch is cut into blocks of columns, the last 6 wide, and the long one into rows: every
+    # block takes the path of the whole product.
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
-    d = 3 if narrow else 2 * lanes + 3
-    net, X, _, _ = make_problem("tanh", "mse", "standard", dtype, E=2, n=ROWS[1] + 40, d=d, m=3 * lanes)
-    first = ROWS[0]
-    np.testing.assert_array_equal(net.forward(X[:first]), net.forward(X)[:, :first])
+    d = 2 * lanes + 3 if d == "wide" else d
+    m = 3 * lanes if m == "lanes" else m
+    net, X, _, _ = make_problem("tanh", "mse", "standard", dtype, E=2, n=ROWS[1] + 40, d=d, m=m)
+    for first in (ROWS[0], 40):
+        np.testing.assert_array_equal(net.forward(X[:first]), net.forward(X)[:, :first])
+
+
+@pytest.mark.parametrize("d", [3, 9], ids=lambda i: f"d{i}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_input_gradient_of_a_row_does_not_depend_on_its_block(dtype, d):
+    # dX = dZ W (A B, d columns): the backward cuts the batch into blocks of gemm_block rows (65 rows end in a block
+    # of one) and tiles; the rows of a short batch get the bits they get in a longer one
+    net, X, _, _ = make_problem("tanh", "mse", "standard", dtype, E=1, n=300, d=d, m=256, k=1)
+    p = net.reference_params()
+    config = _core.twolayer.Config(p.input_scale, p.output_scale, _core.twolayer.Activation.tanh)
+    G = np.random.default_rng(3).standard_normal((1, 300, 1)).astype(dtype)
+    dX = {n: _core.twolayer.backward(X[:n], np.ascontiguousarray(G[:, :n]), p.W, p.b, p.a, config, True)[3]
+          for n in (65, 80, 260, 300)}
+    np.testing.assert_array_equal(dX[65], dX[80][:, :65])
+    np.testing.assert_array_equal(dX[260], dX[300][:, :260])
 
 
 @given(n=st.integers(0, 90), d=st.integers(1, 40), m=st.integers(1, 70), k=st.integers(1, 3),

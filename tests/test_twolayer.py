@@ -110,10 +110,22 @@ def test_forward_and_saving_forward_give_the_same_outputs(dtype, k, n):
     # falls in: the forward splits 72 and 136 rows into blocks of gemm_block rows and a last one of small_dim rows,
     # which the saving forward computes in one block.
     assert (n - SCHEDULE["gemm_block"]) % SCHEDULE["gemm_block"] == SCHEDULE["small_dim"] or n == 45
-    net, X, _, _ = make_problem("tanh", "mse", "standard", dtype, E=2, n=n, d=11, m=37, k=k)
+    assert_forward_equals_saving_forward(dtype, n, 11, 37, k)
+
+
+# (n, d, m): a short batch of a layer with a narrow last block of columns (the forward cuts columns when n < m, the
+# saving forward does not), and a narrow input to a layer wider than the micro-kernels' A B^T otherwise takes
+@pytest.mark.parametrize(("n", "d", "m"), [(40, 2, 70), (40, 11, 70), (5, 8, 1100), (45, 8, 1100)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_forward_and_saving_forward_agree_at_any_cut(dtype, n, d, m):
+    assert_forward_equals_saving_forward(dtype, n, d, m, 1)
+
+
+def assert_forward_equals_saving_forward(dtype, n, d, m, k):
+    net, X, _, _ = make_problem("tanh", "mse", "standard", dtype, E=2, n=n, d=d, m=m, k=k)
     p = net.reference_params()
     config = _core.twolayer.Config(p.input_scale, p.output_scale, _core.twolayer.Activation.tanh)
-    F, S = np.empty((2, n, k), dtype), np.empty((2, n, 37), dtype)
+    F, S = np.empty((2, n, k), dtype), np.empty((2, n, m), dtype)
     _core.twolayer.forward_saving(X, p.W, p.b, p.a, config, F, S, None)
     np.testing.assert_array_equal(net.forward(X), F)
 

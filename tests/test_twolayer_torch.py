@@ -167,6 +167,9 @@ def test_functional_forms_and_errors():
         TwoLayerModule.from_linear(torch.nn.Linear(3, 4), second)
     with pytest.raises(TypeError, match="W: expected a torch.Tensor"):
         two_layer(X, W.tolist(), None, a)
+    for grad in (False, True):  # with and without a gradient wanted
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="W: expected at least one input feature"):
+            two_layer(torch.zeros(2, 0), torch.zeros(4, 0, requires_grad=True), None, a)
     with pytest.raises(TypeError, match="input_scale"):
         two_layer(X, W, None, a, input_scale="2")
     with pytest.raises(ValueError, match="second: expected 4 input features"):

@@ -257,6 +257,8 @@ bool dispatch(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, cons
 
 }  // namespace
 
+bool micro_available() { return kVectorBytes != 0; }
+
 bool micro_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   return dispatch(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);

@@ -10,7 +10,7 @@
 //   twolayer/gradient.cpp   forward, backward, loss + gradient; the forward that saves and backward from it
 //   twolayer/hvp.cpp        the Hessian operator (R-operator) and its eigenpairs
 //   twolayer/train.cpp      the gradient-descent loop with sharpness tracking
-//   common/gemm.{hpp,cpp}   deterministic blocked GEMM (BLAS, or plain loops for tiny dimensions)
+//   common/gemm.{hpp,cpp}   deterministic blocked GEMM (plain loops, micro-kernels or BLAS, by the product's shape)
 //   common/simd.hpp         vector type and fixed-order reductions
 #pragma once
 #include <cstdint>

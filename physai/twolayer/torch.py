@@ -220,9 +220,10 @@ def _direct_applies(X, W, b, a) -> bool:
         return False
     if not (W.is_cpu and a.is_cpu and X.is_cpu and (b is None or b.is_cpu)):
         return False
+    # the ranks of a single network or an ensemble (a bias of another rank is the general Function's error to word)
     if W.dim() == 2:
-        return X.dim() >= 1 and X.shape[-1] == W.shape[-1]
-    return W.dim() == 3 and X.dim() in (2, 3)
+        return a.dim() == 2 and (b is None or b.dim() == 1) and X.dim() >= 1 and X.shape[-1] == W.shape[-1]
+    return W.dim() == 3 and a.dim() == 3 and (b is None or b.dim() == 2) and X.dim() in (2, 3)
 
 
 class _TwoLayerFunction(torch.autograd.Function):
@@ -318,6 +319,8 @@ def _two_layer(X, W, b, a, spec: _Spec):
         raise TypeError(f"W: expected a torch.Tensor, got {type(W).__name__}")
     if not isinstance(X, torch.Tensor):
         raise TypeError(f"X: expected a torch.Tensor, got {type(X).__name__}")
+    if W.dim() >= 1 and W.shape[-1] == 0:
+        raise ValueError(f"W: expected at least one input feature (d >= 1), got shape {tuple(W.shape)}")
     if isinstance(a, torch.Tensor) and (b is None or isinstance(b, torch.Tensor)) and _direct_applies(X, W, b, a):
         if _wants_grad(X, W, b, a):
             return _apply_saving(X, W, b, a, spec)
