@@ -41,9 +41,11 @@ void small_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, double alph
 // ---------------------------------------------------------------------------------------------------------------
 
 // The path every block of a product takes: the plain loops, the micro-kernels or BLAS, each of which sums in its own
-// order. It is chosen from the whole product's shape, never from a block's, so that an element of C gets the same
-// bits whichever block it falls in: a row of a batch alone or in a longer batch, a hidden unit in a short last block
-// of columns, the drop-in's forward (whole rows) and the plain forward (blocks of columns for a short batch).
+// order. It is chosen from the shape of a full block (gemm below), never from the block at hand, so that an element
+// of C gets the same bits whichever block it falls in: a row of a batch alone or in a longer batch, a hidden unit in
+// a short last block of columns. (The forward of a batch shorter than the layer is wide, cut into blocks of columns,
+// and the drop-in's forward, whole rows, still part where a block of columns fits the micro-kernels and the whole
+// width does not: 8 < d <= 128 and m d > 8192; and BLAS may sum a row by its place in a block.)
 enum class Path { Plain, Micro, Blas };
 
 // The plain loops take the tiny dimensions that suit them: A B^T with a few columns (a dot product per element: the
@@ -84,9 +86,11 @@ void block_gemm(Path path, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, 
 template <class T>
 void gemm(bool parallel, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  const Path path = path_of(ta, tb, M, N, K);
+  // Every block on the path of a full block (the last may be shorter): the whole product's, or for blocks of
+  // columns, whose width bounds what a block streams, a product of one block's width.
   if (M >= N) {
     const int64_t size = K * N >= kWideOperand ? kWideBlock : kBlock;
+    const Path path = path_of(ta, tb, M, N, K);
     over_rows((M + size - 1) / size, parallel, [&](int64_t block) {
       const int64_t i0 = block * size, rows = std::min(size, M - i0);
       const T* A_block = ta == Trans::No ? A + i0 * lda : A + i0;
@@ -94,6 +98,7 @@ void gemm(bool parallel, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T 
     });
   } else {
     const int64_t size = M * K >= kWideOperand ? kWideBlock : kBlock;
+    const Path path = path_of(ta, tb, M, std::min(N, size), K);
     over_rows((N + size - 1) / size, parallel, [&](int64_t block) {
       const int64_t j0 = block * size, cols = std::min(size, N - j0);
       const T* B_block = tb == Trans::No ? B + j0 : B + j0 * ldb;

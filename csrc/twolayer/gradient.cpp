@@ -270,8 +270,8 @@ void member_backward_saved(const Net<T>& net, int64_t e, const T* G, const T* S,
       T* dZ = dX ? dZ_all.get() + r0 * m + q0 : dZ_step.get();
       backprop_saved_rows(net.activation, rows, c, k, net.output_scale, G + r0 * k, a + q0, m, S + r0 * m + q0,
                           D1 ? D1 + r0 * m + q0 : nullptr, m, dZ, ldz);
-      // the paths of the whole products (all m hidden units), as a block of hidden units is one part of them
-      gemm::block_gemm(gemm::path_of(Trans::Yes, Trans::No, k, m, rows), Trans::Yes, Trans::No, k, c, rows,
+      // every block of hidden units on the path of a full one (cols wide), so the last, narrower one sums alike
+      gemm::block_gemm(gemm::path_of(Trans::Yes, Trans::No, k, cols, rows), Trans::Yes, Trans::No, k, c, rows,
                        net.output_scale, G + r0 * k, k, S + r0 * m + q0, m, beta, da + q0, m);
       gemm::block_gemm(gemm::path_of(Trans::Yes, Trans::No, m, d, rows), Trans::Yes, Trans::No, c, d, rows,
                        net.input_scale, dZ, ldz, X + r0 * d, d, beta, dW + q0 * d, d);
