@@ -60,20 +60,9 @@ def test_narrow_inputs_match_reference(dtype, d, m):
 @pytest.mark.parametrize("d", NARROW, ids=lambda i: f"d{i}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_narrow_inputs_saved_backward_matches_reference(dtype, d):
-    from test_twolayer_torch import native_saved_backward, native_saving, saved_problem
-
     # softplus keeps D1 (gelu's, from a tanh within 7 ulp, is further from the truth than the tolerance allows when
     # d = 1 leaves the twin's Z exact: an accuracy of the activation, not of these products)
-    m = widths(dtype)[3]
-    p, X, G = saved_problem("softplus", dtype, 2, ROWS[2], m, d=d)
-    pt = p._replace(W=p.W.astype(TRUTH_DTYPE), b=p.b.astype(TRUTH_DTYPE), a=p.a.astype(TRUTH_DTYPE))
-    Xt, Gt = X.astype(TRUTH_DTYPE), G.astype(TRUTH_DTYPE)
-    F, S, D1 = native_saving(p, X)
-    twin, truth = R.forward_saving(p, X), R.forward_saving(pt, Xt)
-    assert_as_accurate_as_reference((F, S, D1), twin, truth, dtype, "forward_saving")
-    assert_as_accurate_as_reference(native_saved_backward(p, X, G, S, D1, True),
-                                    R.backward_saved(p, X, G, *twin[1:]),
-                                    R.backward_saved(pt, Xt, Gt, *truth[1:]), dtype, "backward_saved")
+    check_saved_backward("softplus", dtype, ROWS[2], d, widths(dtype)[3], want_dX=True)
 
 
 @pytest.mark.parametrize("n", ROWS)
@@ -98,12 +87,16 @@ def test_benchmark_shapes_match_reference(shape, dtype):
 @pytest.mark.parametrize("d", [1, 3], ids=lambda i: f"d{i}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_saved_backward_matches_reference(dtype, d, m, want_dX):
-    # The drop-in's backward: dW as one A^T B per column block of hidden units, dX = dZ W as A B (helpers from the
-    # torch tests, which skip without torch)
+    # The drop-in's backward: dW as one A^T B per column block of hidden units, dX = dZ W as A B
+    check_saved_backward("gelu", dtype, ROWS[1], widths(dtype)[d], widths(dtype)[m], want_dX)
+
+
+def check_saved_backward(activation, dtype, n, d, m, want_dX):
+    """forward_saving and backward_saved of a two-member ensemble against the twin (helpers from the torch tests,
+    which skip without torch)."""
     from test_twolayer_torch import native_saved_backward, native_saving, saved_problem
 
-    d, m = widths(dtype)[d], widths(dtype)[m]
-    p, X, G = saved_problem("gelu", dtype, 2, ROWS[1], m, d=d)
+    p, X, G = saved_problem(activation, dtype, 2, n, m, d=d)
     pt = p._replace(W=p.W.astype(TRUTH_DTYPE), b=p.b.astype(TRUTH_DTYPE), a=p.a.astype(TRUTH_DTYPE))
     Xt, Gt = X.astype(TRUTH_DTYPE), G.astype(TRUTH_DTYPE)
     F, S, D1 = native_saving(p, X)
