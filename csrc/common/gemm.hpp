@@ -43,17 +43,17 @@ void small_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, double alph
 // The path every block of a product takes: the plain loops, the micro-kernels or BLAS, each of which sums in its own
 // order. It is chosen from the shape of a full block (gemm below), never from the block at hand, so that an element
 // of C gets the same bits whichever block it falls in: a row of a batch alone or in a longer batch, a hidden unit in
-// a short last block of columns. (The forward of a batch shorter than the layer is wide, cut into blocks of columns,
+// a short last block of columns. (The forward of a tile shorter than the layer is wide, cut into blocks of columns,
 // and the drop-in's forward, whole rows, still part where a block of columns fits the micro-kernels and the whole
 // width does not: 8 < d <= 128 and m d > 8192; and BLAS may sum a row by its place in a block.)
 enum class Path { Plain, Micro, Blas };
 
-// The plain loops take the tiny dimensions that suit them: A B^T with a few columns (a dot product per element: the
-// k outputs S a^T), the others with a short sum (rows of C as combinations of a few rows of B: the output layer's
-// G a) and A^T B with a few rows (the k outputs' gradient G^T S, where the micro-kernels made the E = 256
-// ensemble's loss + grad 1.3x slower, measured). Not A B with a few rows: its rows are a batch's, which the kernels
-// cut into tiles of any height. The micro-kernels take the small products they fit, including A B^T with a short sum at any N and A^T B
-// or A B with a few columns (X W^T, dZ^T X and dZ W at d <= kSmallDim: as dot products of a few terms, and rows of a
+// The plain loops take the tiny dimensions that suit them: A B^T with a few columns (a dot product per element),
+// the others with a short sum (rows of C as combinations of a few rows of B) and A^T B with a few rows (the k
+// outputs' gradient G^T S, where the micro-kernels made the E = 256 ensemble's loss + grad 1.3x slower, measured).
+// Not A B with a few rows: its rows are a batch's, which the kernels cut into tiles of any height. The micro-kernels
+// take the small products they fit, A B^T with a short sum at any N (beyond micro_fits), and A^T B or A B with a
+// few columns (X W^T, dZ^T X and dZ W at d <= kSmallDim: as dot products of a few terms, and rows of a
 // few lanes, the forward was 7-60x and the weight gradient 3-7x slower, measured at n = 1024, m = 256, d = 8 and 2).
 // BLAS takes the rest.
 inline Path path_of(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K) {
@@ -68,7 +68,7 @@ inline Path path_of(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K) {
   return N <= kSmallDim ? Path::Plain : Path::Blas;
 }
 
-// One block of a product whose path_of (of the whole product) is `path`.
+// One block of a product, on the path that path_of gave a full block of it.
 template <class T>
 void block_gemm(Path path, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
                 const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {

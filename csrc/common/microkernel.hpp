@@ -16,12 +16,13 @@ using blas::Trans;
 // A^T B with at most this many columns is computed as C^T = B^T A (microkernel.cpp), whose tiles run along M.
 constexpr int64_t kNarrowColumns = 8;
 
-// Whether the micro-kernels take C = alpha op(A) op(B) + beta C: from N and K only (gemm.hpp's path_of asks for the
-// whole product, never for a block). Measured single-threaded on Sapphire Rapids against OpenBLAS, float and double: A B^T, which first
-// transposes B (K x N) into scratch, runs 1.2 to 1.7x as fast up to N K = 8192 (at N K = 16384, K = 64, no faster);
-// A^T B and A B run 0.9 to 1.4x as fast up to N K = 2^17 and K = 2048 (beyond, a block's strip of A falls out of L2
-// while B streams), and as fast inside the two-layer kernels, where they give each element a fixed order. A^T B with
-// at most kNarrowColumns columns streams A along its rows once per tile of C^T's rows, whatever K, so any K fits.
+// Whether the micro-kernels take C = alpha op(A) op(B) + beta C: from N and K only (gemm.hpp's path_of asks for a
+// full block of a product, never for the block at hand). Measured single-threaded on Sapphire Rapids against
+// OpenBLAS, float and double: A B^T, which first transposes B (K x N) into scratch, runs 1.2 to 1.7x as fast up to
+// N K = 8192 (at N K = 16384, K = 64, no faster); A^T B and A B run 0.9 to 1.4x as fast up to N K = 2^17 and
+// K = 2048 (beyond, a block's strip of A falls out of L2 while B streams), and as fast inside the two-layer kernels,
+// where they give each element a fixed order. A^T B with at most kNarrowColumns columns streams A along its rows
+// once per tile of C^T's rows, whatever K, so any K fits.
 inline bool micro_fits(Trans ta, Trans tb, int64_t N, int64_t K) {
   if (ta == Trans::Yes && tb == Trans::Yes) return false;
   if (tb == Trans::Yes) return K <= 128 && N * K <= 8192;
@@ -32,8 +33,8 @@ inline bool micro_fits(Trans ta, Trans tb, int64_t N, int64_t K) {
 // Whether this CPU runs the micro-kernels (AVX2 and FMA, or AVX-512).
 bool micro_available();
 
-// C = alpha op(A) op(B) + beta C for products micro_fits accepts (row-major, leading dimensions as in BLAS; C is
-// not read when beta is 0). Returns false, leaving C alone, on CPUs without AVX2 and FMA.
+// C = alpha op(A) op(B) + beta C for the products gemm.hpp's path_of sends here (row-major, leading dimensions as
+// in BLAS; C is not read when beta is 0). Returns false, leaving C alone, on CPUs without AVX2 and FMA.
 bool micro_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 bool micro_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
