@@ -375,7 +375,12 @@ PHYSAI_INLINE void backprop_saved_block(int64_t k, T os, const T* G, const T* a,
     for (int v = 0; v < W; ++v) w[v] = load<U>(a + j * lda + q + v * lanes);
     for (int r = 0; r < R; ++r) {
       const T g = G[r * k + j];
-      for (int v = 0; v < W; ++v) sum[r][v] += g * w[v];
+      for (int v = 0; v < W; ++v) {
+        sum[r][v] += g * w[v];
+        // opaque: GCC packed the scalar sums of a four-row block into one vector, multiplied there and added lane
+        // by lane, unfused; a row alone got a fused chain, so a row's dZ depended on its block
+        if constexpr (lanes == 1) sum[r][v] = simd::opaque(sum[r][v]);
+      }
     }
   }
   for (int r = 0; r < R; ++r)
