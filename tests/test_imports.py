@@ -105,4 +105,5 @@ def test_import_physai_is_light():
 def test_subpackages_are_attributes_of_physai():
     code = "import physai; print(physai.lego.LegoTask(6).n_vars, physai.theory.critical_point('relu').C_W)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["6", "2.0"]
+    # C_W = K / <sigma^2>_K by quadrature: 2 to rounding (the last bit differs between numpy's SIMD paths)
+    assert out[0] == "6" and abs(float(out[1]) - 2.0) <= 1e-12

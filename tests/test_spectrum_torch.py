@@ -67,6 +67,35 @@ def test_hvp_matches_the_dense_hessian(loss_fn, cache_graphs):
         np.testing.assert_allclose(op.matvec(v[None])[0], H @ v, rtol=1e-12, atol=1e-13)
 
 
+class UnusedAndLinear(torch.nn.Module):
+    """tanh(x W^T + b) + c with a parameter the loss never reads (autograd leaves its gradient None); under a loss
+    linear in the outputs, c's gradient is a constant, with no graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 2, dtype=torch.float64)
+        self.unused = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
+        self.shift = torch.nn.Parameter(torch.randn(2, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.tanh(self.layer(x)) + self.shift
+
+
+@pytest.mark.parametrize("cache_graphs", [True, False])
+@pytest.mark.parametrize("loss_fn", [mse, lambda output, target: (output * target).mean()],
+                         ids=["mse_loss", "linear-in-outputs"])
+def test_hvp_of_unused_and_graphless_gradients_matches_the_dense_hessian(loss_fn, cache_graphs):
+    torch.manual_seed(3)
+    model = UnusedAndLinear()
+    X, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+    op = TorchHessian(model, loss_fn, (X, y), cache_graphs=cache_graphs)
+    H = dense_hessian(model, loss_fn, X, y)
+    assert np.all(H[:4] == 0) and np.all(H[:, :4] == 0)  # the unused parameter (first in named_parameters)
+    with torch.no_grad():  # a caller's no_grad does not reach the HVP's own graph
+        for v in np.random.default_rng(2).standard_normal((2, op.n)):
+            np.testing.assert_allclose(op.matvec(v[None])[0], H @ v, rtol=1e-12, atol=1e-13)
+
+
 def test_power_and_lanczos_agree_and_count_hvps():
     model, X, y = small_mlp(seed=1)
     lz = hessian_eigs(model, mse, (X, y), method="lanczos", which="LM", tol=1e-8)

@@ -16,7 +16,7 @@ of the total, sum_b H_b. A torch loss module or ``functools.partial`` whose own 
 and (for ``loss_form="outputs"``) so is a loss that behaves otherwise: it is evaluated once on the first batch's
 outputs and on those outputs repeated twice, where a mean stays the same and a sum doubles.
 
-HVPs are reverse-over-reverse: ``torch.func.vjp`` of ``torch.func.grad`` of the loss through
+HVPs are reverse-over-reverse: ``torch.autograd.grad`` of the loss's gradient (taken with ``create_graph``) through
 ``torch.func.functional_call`` over the parameters and a fresh copy of the buffers. (Forward-over-reverse fails in
 torch 2.13 on ``mse_loss`` and measured 1.7x slower on a 64-256-10 MLP, n=2048.) For in-memory data (a list or
 one batch) the graph of each batch's gradient is built once and each HVP is one double-backward pass over it, as
@@ -328,33 +328,44 @@ class TorchHessian:
         inputs, targets = self._pair(batch)
         return lambda params: self.loss_fn(self._forward(params, inputs), targets)
 
-    def _gradient_graph(self, index, batch):
-        """The pullback of batch ``index``'s gradient (one HVP per call), its random draws seeded from the index."""
-        from torch.func import grad, vjp
-
+    def _gradient_graph(self, index, batch, retain: bool = True):
+        """The HVP of batch ``index``'s loss: a function of the tangents (one per chosen parameter, in ``names``
+        order) returning H v as one tensor per parameter. Its gradient is taken once with its graph
+        (create_graph), random draws seeded from the index, and each call is one backward pass over that graph,
+        kept for the next call when ``retain``. torch.autograd, not torch.func's vjp of grad: the same passes,
+        without the transform wrappers, measured 1.1-1.25x faster per HVP (a small CNN with BatchNorm, a 64-256-10
+        MLP)."""
         torch = _torch()
-        with _fixed_rng(torch, self.device, _batch_seed(self.seed, index)):
-            return vjp(grad(self._loss(batch)), self.params)[1]
+        leaves = [p.detach().requires_grad_() for p in self.params.values()]
+        with torch.enable_grad(), _fixed_rng(torch, self.device, _batch_seed(self.seed, index)):
+            loss = self._loss(batch)(dict(zip(self.names, leaves)))
+            grads = (torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+                     if loss.requires_grad else ())
+        # a gradient without a graph (a loss linear in those parameters, or none using them) adds nothing to H v
+        linked = [i for i, g in enumerate(grads) if g.requires_grad]
 
-    def _batch_hvp(self, index, batch, tangents):
-        return self._gradient_graph(index, batch)(tangents)
+        def apply(tangents):
+            if not linked:
+                return [torch.zeros_like(p) for p in leaves]
+            with torch.enable_grad():
+                return torch.autograd.grad([grads[i] for i in linked], leaves, [tangents[i] for i in linked],
+                                           retain_graph=retain, allow_unused=True, materialize_grads=True)
 
-    def _unflatten(self, flat):
-        return {name: chunk.view_as(self.params[name]) for name, chunk in zip(self.names, flat.split(self.sizes))}
+        return apply
 
     def hvp(self, v):
         """Hessian-vector product of a flat torch vector [P] in the parameters' dtype and device; returns [P]."""
         torch = _torch()
-        tangents = self._unflatten(v)
+        tangents = [chunk.view_as(p) for chunk, p in zip(v.split(self.sizes), self.params.values())]
         total, count = torch.zeros_like(v), 0.0
         if self.cache_graphs and self._graphs is None:
             self._graphs = [(self._gradient_graph(i, batch), self._weight(batch))
                             for i, batch in enumerate(self.batches)]
         pairs = self._graphs if self.cache_graphs else (
-            (functools.partial(self._batch_hvp, i, batch), self._weight(batch)) for i, batch in enumerate(self.batches))
+            (self._gradient_graph(i, batch, retain=False), self._weight(batch))
+            for i, batch in enumerate(self.batches))
         for apply, weight in pairs:
-            hv = apply(tangents)[0]  # a pullback returns one cotangent per primal: here, the parameters' dict
-            total += weight * torch.cat([hv[name].reshape(-1) for name in self.names])
+            total += weight * torch.cat([h.reshape(-1) for h in apply(tangents)])
             count += weight
         if count == 0:
             raise ValueError("data: expected at least one sample, got an empty dataset")
