@@ -23,8 +23,8 @@ VECTOR_BYTES = 64  # the micro-kernels' vector on AVX-512 CPUs (32 on AVX2 ones:
 
 def widths(dtype):
     """Widths (of N or K) that run the micro-kernels' column blocks of 1, 2 + a partial vector, 3, and 4 + 3 + a
-    partial vector (AVX-512 vectors; AVX2 ones get blocks of 2, 1 and partial ones); the widest pairs make N K > 8192,
-    where X W^T goes to BLAS instead."""
+    partial vector (AVX-512 vectors; AVX2 ones get blocks of 2, 1 and partial ones); every pair keeps X W^T on the
+    micro-kernels (test_pre_activation_on_either_side_of_the_micro_limit goes beyond)."""
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
     return [lanes, 2 * lanes + 3, 3 * lanes, 7 * lanes + 5]
 
@@ -39,6 +39,17 @@ ROWS = [13, SCHEDULE["gemm_block"] + 13, 3 * SCHEDULE["gemm_block"] + SCHEDULE["
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_every_tile_matches_reference(dtype, d, m):
     d, m = widths(dtype)[d], widths(dtype)[m]
+    net, X, Y, v = make_problem("tanh", "mse", "standard", dtype, E=2, n=ROWS[1], d=d, m=m, k=1)
+    check_against_reference(net, X, Y, v, "mse", f"d={d} m={m}")
+
+
+@pytest.mark.parametrize("beyond", [False, True], ids=["micro", "blas"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_pre_activation_on_either_side_of_the_micro_limit(dtype, beyond):
+    # X W^T with a sum of widths()[3] terms and the widest W the micro-kernels take (N K at most
+    # micro_transposed_values), and one hidden unit more, which goes to BLAS
+    d = widths(dtype)[3]
+    m = SCHEDULE["micro_transposed_values"] // d + beyond
     net, X, Y, v = make_problem("tanh", "mse", "standard", dtype, E=2, n=ROWS[1], d=d, m=m, k=1)
     check_against_reference(net, X, Y, v, "mse", f"d={d} m={m}")
 

@@ -329,6 +329,7 @@ void bind_twolayer(py::module_& m) {
   schedule["wide_saved_min_rows"] = tl::detail::kWideSavedMinRows;
   schedule["wide_saved_rows"] = tl::detail::kWideSavedRows;
   schedule["small_dim"] = physai::gemm::kSmallDim;
+  schedule["micro_transposed_values"] = physai::gemm::kMicroTransposedValues;
   m.attr("schedule") = schedule;
 
   m.def("forward", &forward, py::arg("X"), py::arg("W"), py::arg("b"), py::arg("a"), py::arg("config"),

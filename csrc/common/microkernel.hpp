@@ -16,16 +16,23 @@ using blas::Trans;
 // A^T B with at most this many columns is computed as C^T = B^T A (microkernel.cpp), whose tiles run along M.
 constexpr int64_t kNarrowColumns = 8;
 
+// A B^T (X W^T, the pre-activation) with at most this many values in B (N K, the weights), and a sum of at most 128
+// terms, runs the micro-kernels, which first transpose B into scratch. Measured on a 2-core Zen 5 (AVX-512) in the
+// two-layer forward, n = 2048: 1.6-1.8x as fast as OpenBLAS with its AVX2 (Haswell) kernels at N K = 16384 and
+// 32768 (K = 64 and 128), and as fast as numpy's whole product with its AVX-512 (SkylakeX) kernels, the activation
+// included; at N K = 65536 (K = 64, N = 1024) 0.8x the SkylakeX product. Earlier, on Sapphire Rapids, 1.2 to 1.7x
+// OpenBLAS up to N K = 8192 and as fast at 16384.
+constexpr int64_t kMicroTransposedValues = int64_t(1) << 15;
+
 // Whether the micro-kernels take C = alpha op(A) op(B) + beta C: from N and K only (gemm.hpp's path_of asks for a
-// full block of a product, never for the block at hand). Measured single-threaded on Sapphire Rapids against
-// OpenBLAS, float and double: A B^T, which first transposes B (K x N) into scratch, runs 1.2 to 1.7x as fast up to
-// N K = 8192 (at N K = 16384, K = 64, no faster); A^T B and A B run 0.9 to 1.4x as fast up to N K = 2^17 and
-// K = 2048 (beyond, a block's strip of A falls out of L2 while B streams), and as fast inside the two-layer kernels,
-// where they give each element a fixed order. A^T B with at most kNarrowColumns columns streams A along its rows
-// once per tile of C^T's rows, whatever K, so any K fits.
+// full block of a product, never for the block at hand). A B^T: up to kMicroTransposedValues. A^T B and A B,
+// measured single-threaded on Sapphire Rapids against OpenBLAS, float and double: 0.9 to 1.4x as fast up to
+// N K = 2^17 and K = 2048 (beyond, a block's strip of A falls out of L2 while B streams), and as fast inside the
+// two-layer kernels, where they give each element a fixed order. A^T B with at most kNarrowColumns columns streams A
+// along its rows once per tile of C^T's rows, whatever K, so any K fits.
 inline bool micro_fits(Trans ta, Trans tb, int64_t N, int64_t K) {
   if (ta == Trans::Yes && tb == Trans::Yes) return false;
-  if (tb == Trans::Yes) return K <= 128 && N * K <= 8192;
+  if (tb == Trans::Yes) return K <= 128 && N * K <= kMicroTransposedValues;
   if (ta == Trans::Yes && N <= kNarrowColumns) return true;
   return K <= 2048 && N <= 256 && N * K <= (int64_t(1) << 17);
 }
