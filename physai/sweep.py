@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -63,7 +64,9 @@ import os
 import pathlib
 import pkgutil
 import re
+import signal
 import sys
+import threading
 import time
 import typing
 from collections.abc import Iterable, Mapping
@@ -791,10 +794,35 @@ def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _drive(store: _Store, tasks: list[_Task], executor, window: int, pending: dict):
+@contextlib.contextmanager
+def _interrupts_recorded():
+    """An Event set by every SIGINT while the sweep runs, for ``_drive`` to check: under Python's default handler
+    (and in the main thread, the only one that receives it) the handler also records the signal before raising
+    KeyboardInterrupt as usual, since that exception is lost when it lands in a destructor or a callback (CPython
+    prints it as "Exception ignored" and goes on), and the sweep would then run to its end. Elsewhere the Event is
+    never set."""
+    received = threading.Event()
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield received
+        return
+
+    def record(signum, frame):
+        received.set()
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, record)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _drive(store: _Store, tasks: list[_Task], executor, window: int, pending: dict, interrupted):
     """Submit the tasks (at most ``window`` in flight, tracked in ``pending``: future -> task), store each as it
     finishes; yield once per point. A task whose executor broke (a worker process died) is not run: its points
-    stay missing and are run by the next sweep on the store."""
+    stay missing and are run by the next sweep on the store. ``interrupted`` (an Event) set raises
+    KeyboardInterrupt at the next task finished."""
     queue = iter(tasks)
     while True:
         for task in queue:
@@ -808,6 +836,8 @@ def _drive(store: _Store, tasks: list[_Task], executor, window: int, pending: di
             task = pending.pop(future)
             _settle(store, task, future)
             yield from range(task.hashes.size)
+        if interrupted.is_set():
+            raise KeyboardInterrupt
 
 
 def _settle(store: _Store, task: _Task, future) -> None:
@@ -886,9 +916,10 @@ def run(config: ExperimentConfig, space: Space, *, out=None, executor=None, prog
         # the in-process executor runs a task on submit: one at a time, so each is stored before the next starts
         window = 1 if isinstance(executor, _InProcess) else max(len(todo), 1)
         try:
-            for _ in _progress(_drive(store, todo, executor, window, pending), total=points, desc=desc,
-                               enabled=progress):
-                pass
+            with _interrupts_recorded() as received:
+                driven = _drive(store, todo, executor, window, pending, received)
+                for _ in _progress(driven, total=points, desc=desc, enabled=progress):
+                    pass
         except KeyboardInterrupt:
             interrupted = True
             for future in pending:

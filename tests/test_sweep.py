@@ -586,7 +586,7 @@ def test_resume_after_sigkill_mid_write_loses_and_recomputes_nothing(tmp_path, c
 
 # A toy experiment in a module of its own, importable by the spawned workers of a process pool (and the CLI).
 TOY = """
-import dataclasses, os, time
+import dataclasses, os, signal, time
 import numpy as np
 from physai.experiments._base import ExperimentConfig, ExperimentResult
 
@@ -595,6 +595,7 @@ class Config(ExperimentConfig):
     x: int = 0
     crash_at: int = -1      # os._exit in the worker at this x: a worker that dies
     sleep: float = 0.0
+    interrupt_at: int = -1  # a SIGINT whose KeyboardInterrupt lands in a destructor, at this x
 
 @dataclasses.dataclass
 class Result(ExperimentResult):
@@ -607,9 +608,15 @@ class Result(ExperimentResult):
     def trajectories(self):
         return {"y": (("step",), self.y)}
 
+class Swallowed:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # CPython prints an exception raised in a destructor and goes on
+
 def run(config, progress=False):
     if config.x == config.crash_at:
         os._exit(3)
+    if config.x == config.interrupt_at:
+        Swallowed()
     time.sleep(config.sleep)
     return Result(config, np.arange(3.0) * config.x)
 """
@@ -645,6 +652,18 @@ def test_a_worker_that_dies_leaves_its_points_missing_not_failed(tmp_path, toy, 
     # the crash fixed (another base config needs a fresh store), every point is computed
     fixed = sweep.run(toy.Config(), sweep.grid(x=[0, 1, 2, 3]), out=tmp_path / "fixed.zarr", progress=False)
     assert fixed["square"].values.tolist() == [0, 1, 4, 9] and fixed["y"].dims == ("x", "step")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost interrupt
+def test_an_interrupt_lost_in_a_destructor_still_stops_the_sweep(tmp_path, toy):
+    # in process, so the SIGINT comes to this (main) thread while the point at x = 1 runs, and its KeyboardInterrupt
+    # is lost in a destructor: the sweep stops after storing that point, as it would had the exception come through
+    out = tmp_path / "lost.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(toy.Config(interrupt_at=1), sweep.grid(x=[0, 1, 2, 3]), out=out, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    status = zarr.open_array(out / "status", mode="r")[...].tolist()
+    assert status == [sweep.STATUS_DONE] * 2 + [sweep.STATUS_MISSING] * 2
 
 
 def test_ctrl_c_stores_what_finished_and_exits_with_one_line(tmp_path, toy, request):
