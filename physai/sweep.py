@@ -888,7 +888,9 @@ def run(config: ExperimentConfig, space: Space, *, out=None, executor=None, prog
     raises is stored with status failed and its error, logged on the ``physai.sweep`` logger, and the sweep goes
     on; a point whose worker died (a broken process pool) stays missing. A result the store cannot take (a
     variable's dims changed) raises :class:`StoreMismatch` and stops the sweep. On ``KeyboardInterrupt`` the
-    tasks not started are cancelled, those finished are stored, and the interrupt propagates."""
+    tasks not started are cancelled, those finished are stored, and the interrupt propagates; run from the main
+    thread under Python's default SIGINT handler, a Ctrl-C whose KeyboardInterrupt is lost (raised inside a
+    destructor, where CPython only prints it) still stops the sweep once the next task finishes."""
     plan = _plan(config, space)
     try:
         import xarray  # noqa: F401
