@@ -47,9 +47,9 @@ def test_every_tile_matches_reference(dtype, d, m):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_pre_activation_on_either_side_of_the_micro_limit(dtype, beyond):
     # X W^T with a sum of widths()[3] terms and the widest W the micro-kernels take (N K at most
-    # micro_transposed_values), and one hidden unit more, which goes to BLAS
+    # micro_transposed_values, which depends on the dtype and the CPU's vectors), and one hidden unit more: BLAS
     d = widths(dtype)[3]
-    m = SCHEDULE["micro_transposed_values"] // d + beyond
+    m = SCHEDULE["micro_transposed_values"][np.dtype(dtype).name] // d + beyond
     net, X, Y, v = make_problem("tanh", "mse", "standard", dtype, E=2, n=ROWS[1], d=d, m=m, k=1)
     check_against_reference(net, X, Y, v, "mse", f"d={d} m={m}")
 

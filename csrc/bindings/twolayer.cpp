@@ -329,7 +329,10 @@ void bind_twolayer(py::module_& m) {
   schedule["wide_saved_min_rows"] = tl::detail::kWideSavedMinRows;
   schedule["wide_saved_rows"] = tl::detail::kWideSavedRows;
   schedule["small_dim"] = physai::gemm::kSmallDim;
-  schedule["micro_transposed_values"] = physai::gemm::kMicroTransposedValues;
+  py::dict transposed;
+  transposed["float32"] = physai::gemm::micro_transposed_values<float>();
+  transposed["float64"] = physai::gemm::micro_transposed_values<double>();
+  schedule["micro_transposed_values"] = transposed;
   m.attr("schedule") = schedule;
 
   m.def("forward", &forward, py::arg("X"), py::arg("W"), py::arg("b"), py::arg("a"), py::arg("config"),

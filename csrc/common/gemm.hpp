@@ -45,7 +45,7 @@ void small_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, double alph
 // of C gets the same bits whichever block it falls in: a row of a batch alone or in a longer batch, a hidden unit in
 // a short last block of columns. (The forward of a tile shorter than the layer is wide, cut into blocks of columns,
 // and the drop-in's forward, whole rows, still part where a block of columns fits the micro-kernels and the whole
-// width does not: 8 < d <= 128 and m d > kMicroTransposedValues; and BLAS may sum a row by its place in a block.)
+// width does not: 8 < d <= 128 and m d > micro_transposed_values; and BLAS may sum a row by its place in a block.)
 enum class Path { Plain, Micro, Blas };
 
 // The plain loops take the tiny dimensions that suit them: A B^T with a few columns (a dot product per element),
@@ -56,15 +56,16 @@ enum class Path { Plain, Micro, Blas };
 // few columns (X W^T, dZ^T X and dZ W at d <= kSmallDim: as dot products of a few terms, and rows of a
 // few lanes, the forward was 7-60x and the weight gradient 3-7x slower, measured at n = 1024, m = 256, d = 8 and 2).
 // BLAS takes the rest.
-inline Path path_of(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K) {
+template <class T>
+Path path_of(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K) {
   const bool micro = micro_available();
   if (ta == Trans::No && tb == Trans::Yes) {
     if (K <= kSmallDim) return micro ? Path::Micro : Path::Plain;
     if (N <= kSmallDim) return Path::Plain;
-    return micro && micro_fits(ta, tb, N, K) ? Path::Micro : Path::Blas;
+    return micro && micro_fits<T>(ta, tb, N, K) ? Path::Micro : Path::Blas;
   }
   if (K <= kSmallDim || (ta == Trans::Yes && M <= kSmallDim)) return Path::Plain;
-  if (micro && micro_fits(ta, tb, N, K)) return Path::Micro;
+  if (micro && micro_fits<T>(ta, tb, N, K)) return Path::Micro;
   return N <= kSmallDim ? Path::Plain : Path::Blas;
 }
 
@@ -90,7 +91,7 @@ void gemm(bool parallel, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T 
   // columns, whose width bounds what a block streams, a product of one block's width.
   if (M >= N) {
     const int64_t size = K * N >= kWideOperand ? kWideBlock : kBlock;
-    const Path path = path_of(ta, tb, M, N, K);
+    const Path path = path_of<T>(ta, tb, M, N, K);
     over_rows((M + size - 1) / size, parallel, [&](int64_t block) {
       const int64_t i0 = block * size, rows = std::min(size, M - i0);
       const T* A_block = ta == Trans::No ? A + i0 * lda : A + i0;
@@ -98,7 +99,7 @@ void gemm(bool parallel, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T 
     });
   } else {
     const int64_t size = M * K >= kWideOperand ? kWideBlock : kBlock;
-    const Path path = path_of(ta, tb, M, std::min(N, size), K);
+    const Path path = path_of<T>(ta, tb, M, std::min(N, size), K);
     over_rows((N + size - 1) / size, parallel, [&](int64_t block) {
       const int64_t j0 = block * size, cols = std::min(size, N - j0);
       const T* B_block = tb == Trans::No ? B + j0 : B + j0 * ldb;

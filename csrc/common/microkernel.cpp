@@ -258,6 +258,7 @@ bool dispatch(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, cons
 }  // namespace
 
 bool micro_available() { return kVectorBytes != 0; }
+int micro_vector_bytes() { return kVectorBytes; }
 
 bool micro_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {

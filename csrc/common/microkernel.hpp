@@ -16,29 +16,36 @@ using blas::Trans;
 // A^T B with at most this many columns is computed as C^T = B^T A (microkernel.cpp), whose tiles run along M.
 constexpr int64_t kNarrowColumns = 8;
 
-// A B^T (X W^T, the pre-activation) with at most this many values in B (N K, the weights), and a sum of at most 128
-// terms, runs the micro-kernels, which first transpose B into scratch. Measured on a 2-core Zen 5 (AVX-512) in the
-// two-layer forward, n = 2048: 1.6-1.8x as fast as OpenBLAS with its AVX2 (Haswell) kernels at N K = 16384 and
-// 32768 (K = 64 and 128), and as fast as numpy's whole product with its AVX-512 (SkylakeX) kernels, the activation
-// included; at N K = 65536 (K = 64, N = 1024) 0.8x the SkylakeX product. Earlier, on Sapphire Rapids, 1.2 to 1.7x
-// OpenBLAS up to N K = 8192 and as fast at 16384.
-constexpr int64_t kMicroTransposedValues = int64_t(1) << 15;
+// Whether this CPU runs the micro-kernels (AVX2 and FMA, or AVX-512).
+bool micro_available();
+// The width of the micro-kernels' vectors on this CPU, in bytes: 64 (AVX-512), 32 (AVX2/FMA) or 0 (none).
+int micro_vector_bytes();
+
+// A B^T (X W^T, the pre-activation) with a sum of at most 128 terms and at most this many values in B (N K, the
+// weights) runs the micro-kernels, which first transpose B into scratch: more for float with 512-bit vectors than
+// otherwise. Measured single-threaded on a Zen 5, 2048 rows of A in blocks of 64 (gemm.hpp's), micro / OpenBLAS
+// speed at N K = 8192, 16384, 32768 (K = 128) and 32768 (K = 64): float with 512-bit vectors 1.3, 1.1, 1.1, 1.0
+// against OpenBLAS's AVX-512 (SkylakeX) kernels (0.75 at 65536) and 1.4-2.0 against its AVX2 (Haswell) ones; float
+// with 256-bit vectors 1.1, 0.9, 0.8, 0.6 against Haswell; double with 512-bit vectors 1.3, 0.9, 0.8, 0.6 against
+// SkylakeX. (On Sapphire Rapids, earlier: 1.2 to 1.7 up to 8192, 1.0 at 16384.)
+template <class T>
+int64_t micro_transposed_values() {
+  return sizeof(T) == 4 && micro_vector_bytes() == 64 ? int64_t(1) << 15 : int64_t(1) << 13;
+}
 
 // Whether the micro-kernels take C = alpha op(A) op(B) + beta C: from N and K only (gemm.hpp's path_of asks for a
-// full block of a product, never for the block at hand). A B^T: up to kMicroTransposedValues. A^T B and A B,
+// full block of a product, never for the block at hand). A B^T: up to micro_transposed_values. A^T B and A B,
 // measured single-threaded on Sapphire Rapids against OpenBLAS, float and double: 0.9 to 1.4x as fast up to
 // N K = 2^17 and K = 2048 (beyond, a block's strip of A falls out of L2 while B streams), and as fast inside the
 // two-layer kernels, where they give each element a fixed order. A^T B with at most kNarrowColumns columns streams A
 // along its rows once per tile of C^T's rows, whatever K, so any K fits.
-inline bool micro_fits(Trans ta, Trans tb, int64_t N, int64_t K) {
+template <class T>
+bool micro_fits(Trans ta, Trans tb, int64_t N, int64_t K) {
   if (ta == Trans::Yes && tb == Trans::Yes) return false;
-  if (tb == Trans::Yes) return K <= 128 && N * K <= kMicroTransposedValues;
+  if (tb == Trans::Yes) return K <= 128 && N * K <= micro_transposed_values<T>();
   if (ta == Trans::Yes && N <= kNarrowColumns) return true;
   return K <= 2048 && N <= 256 && N * K <= (int64_t(1) << 17);
 }
-
-// Whether this CPU runs the micro-kernels (AVX2 and FMA, or AVX-512).
-bool micro_available();
 
 // C = alpha op(A) op(B) + beta C for the products gemm.hpp's path_of sends here (row-major, leading dimensions as
 // in BLAS; C is not read when beta is 0). Returns false, leaving C alone, on CPUs without AVX2 and FMA.

@@ -204,13 +204,13 @@ void member_forward_saving(const Net<T>& net, int64_t e, T* F, T* S, T* D1, bool
   over_rows((n + tile - 1) / tile, parallel, [&](int64_t t) {
     const int64_t r0 = t * tile, rows = std::min(tile, n - r0);
     T* S_t = S + r0 * m;
-    gemm::block_gemm(gemm::path_of(Trans::No, Trans::Yes, n, m, d), Trans::No, Trans::Yes, rows, m, d,
+    gemm::block_gemm(gemm::path_of<T>(Trans::No, Trans::Yes, n, m, d), Trans::No, Trans::Yes, rows, m, d,
                      net.input_scale, net.X_of(e) + r0 * d, d, net.W_of(e), d, T(0), S_t, m);
     activate_rows(net.activation, rows, m, S_t, b, D1 ? D1 + r0 * m : nullptr, static_cast<T*>(nullptr));
     if (k <= kLoopOutputs)
       output_layer_rows(rows, m, k, net.output_scale, S_t, net.a_of(e), F + r0 * k);
     else
-      gemm::block_gemm(gemm::path_of(Trans::No, Trans::Yes, n, k, m), Trans::No, Trans::Yes, rows, k, m,
+      gemm::block_gemm(gemm::path_of<T>(Trans::No, Trans::Yes, n, k, m), Trans::No, Trans::Yes, rows, k, m,
                        net.output_scale, S_t, m, net.a_of(e), m, T(0), F + r0 * k, k);
   });
 }
@@ -236,13 +236,13 @@ void wide_backward_saved(const Net<T>& net, int64_t e, const T* G, const T* S, c
       const T beta = r0 == begin ? T(0) : T(1);
       backprop_saved_rows(net.activation, rows, m, k, net.output_scale, G + r0 * k, a, m, S + r0 * m,
                           D1 ? D1 + r0 * m : nullptr, m, dZ.get(), m);
-      gemm::block_gemm(gemm::path_of(Trans::Yes, Trans::No, k, m, rows), Trans::Yes, Trans::No, k, m, rows,
+      gemm::block_gemm(gemm::path_of<T>(Trans::Yes, Trans::No, k, m, rows), Trans::Yes, Trans::No, k, m, rows,
                        net.output_scale, G + r0 * k, k, S + r0 * m, m, beta, ga, m);
-      gemm::block_gemm(gemm::path_of(Trans::Yes, Trans::No, m, d, rows), Trans::Yes, Trans::No, m, d, rows,
+      gemm::block_gemm(gemm::path_of<T>(Trans::Yes, Trans::No, m, d, rows), Trans::Yes, Trans::No, m, d, rows,
                        net.input_scale, dZ.get(), m, X + r0 * d, d, beta, gW, d);
       if (gb) add_column_sums(dZ.get(), rows, m, gb, m);
       if (dX)
-        gemm::block_gemm(gemm::path_of(Trans::No, Trans::No, n, d, m), Trans::No, Trans::No, rows, d, m,
+        gemm::block_gemm(gemm::path_of<T>(Trans::No, Trans::No, n, d, m), Trans::No, Trans::No, rows, d, m,
                          net.input_scale, dZ.get(), m, net.W_of(e), d, T(0), dX + r0 * d, d);
     }
   });
@@ -271,9 +271,9 @@ void member_backward_saved(const Net<T>& net, int64_t e, const T* G, const T* S,
       backprop_saved_rows(net.activation, rows, c, k, net.output_scale, G + r0 * k, a + q0, m, S + r0 * m + q0,
                           D1 ? D1 + r0 * m + q0 : nullptr, m, dZ, ldz);
       // every block of hidden units on the path of a full one (cols wide), so the last, narrower one sums alike
-      gemm::block_gemm(gemm::path_of(Trans::Yes, Trans::No, k, cols, rows), Trans::Yes, Trans::No, k, c, rows,
+      gemm::block_gemm(gemm::path_of<T>(Trans::Yes, Trans::No, k, cols, rows), Trans::Yes, Trans::No, k, c, rows,
                        net.output_scale, G + r0 * k, k, S + r0 * m + q0, m, beta, da + q0, m);
-      gemm::block_gemm(gemm::path_of(Trans::Yes, Trans::No, m, d, rows), Trans::Yes, Trans::No, c, d, rows,
+      gemm::block_gemm(gemm::path_of<T>(Trans::Yes, Trans::No, m, d, rows), Trans::Yes, Trans::No, c, d, rows,
                        net.input_scale, dZ, ldz, X + r0 * d, d, beta, dW + q0 * d, d);
       if (db) {
         if (r0 == 0) std::fill(db + q0, db + q0 + c, T(0));
@@ -285,7 +285,7 @@ void member_backward_saved(const Net<T>& net, int64_t e, const T* G, const T* S,
     const int64_t tile = saving_tile_rows<T>(n, d, m);
     over_rows((n + tile - 1) / tile, parallel, [&](int64_t t) {
       const int64_t r0 = t * tile, rows = std::min(tile, n - r0);
-      gemm::block_gemm(gemm::path_of(Trans::No, Trans::No, n, d, m), Trans::No, Trans::No, rows, d, m,
+      gemm::block_gemm(gemm::path_of<T>(Trans::No, Trans::No, n, d, m), Trans::No, Trans::No, rows, d, m,
                        net.input_scale, dZ_all.get() + r0 * m, m, net.W_of(e), d, T(0), dX + r0 * d, d);
     });
   }
