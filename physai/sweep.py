@@ -811,11 +811,12 @@ def _interrupts_recorded():
         received.set()
         signal.default_int_handler(signum, frame)
 
-    signal.signal(signal.SIGINT, record)
     try:
+        signal.signal(signal.SIGINT, record)
         yield received
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signal.getsignal(signal.SIGINT) is record:  # a handler a task installed meanwhile stays
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _drive(store: _Store, tasks: list[_Task], executor, window: int, pending: dict, interrupted):

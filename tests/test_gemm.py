@@ -23,8 +23,10 @@ VECTOR_BYTES = 64  # the micro-kernels' vector on AVX-512 CPUs (32 on AVX2 ones:
 
 def widths(dtype):
     """Widths (of N or K) that run the micro-kernels' column blocks of 1, 2 + a partial vector, 3, and 4 + 3 + a
-    partial vector (AVX-512 vectors; AVX2 ones get blocks of 2, 1 and partial ones); every pair keeps X W^T on the
-    micro-kernels (test_pre_activation_on_either_side_of_the_micro_limit goes beyond)."""
+    partial vector (AVX-512 vectors; AVX2 ones get blocks of 2, 1 and partial ones). X W^T of the widest pairs is
+    beyond the micro-kernels' limit on some CPUs and dtypes, but the batches of these tests are shorter than the
+    layer, so the forward cuts columns, each block inside the limit (test_pre_activation_on_either_side_of_the_
+    micro_limit goes beyond)."""
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
     return [lanes, 2 * lanes + 3, 3 * lanes, 7 * lanes + 5]
 
@@ -47,11 +49,15 @@ def test_every_tile_matches_reference(dtype, d, m):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_pre_activation_on_either_side_of_the_micro_limit(dtype, beyond):
     # X W^T with a sum of widths()[3] terms and the widest W the micro-kernels take (N K at most
-    # micro_transposed_values, which depends on the dtype and the CPU's vectors), and one hidden unit more: BLAS
+    # micro_transposed_values, which depends on the dtype and the CPU's vectors), and one hidden unit more: BLAS.
+    # More rows than hidden units, so the forward cuts rows and each block takes the whole width (with fewer it cuts
+    # columns, each block well inside the limit); the saving forward takes the whole width at any n.
     d = widths(dtype)[3]
     m = SCHEDULE["micro_transposed_values"][np.dtype(dtype).name] // d + beyond
-    net, X, Y, v = make_problem("tanh", "mse", "standard", dtype, E=2, n=ROWS[1], d=d, m=m, k=1)
+    assert (m * d > SCHEDULE["micro_transposed_values"][np.dtype(dtype).name]) == beyond
+    net, X, Y, v = make_problem("tanh", "mse", "standard", dtype, E=2, n=m + ROWS[0], d=d, m=m, k=1)
     check_against_reference(net, X, Y, v, "mse", f"d={d} m={m}")
+    check_saved_backward("softplus", dtype, ROWS[0], d, m, want_dX=False)
 
 
 # Input widths of at most small_dim: X W^T is A B^T with a short sum (the micro-kernels once m > small_dim), dZ^T X

@@ -91,9 +91,16 @@ def test_hvp_of_unused_and_graphless_gradients_matches_the_dense_hessian(loss_fn
     op = TorchHessian(model, loss_fn, (X, y), cache_graphs=cache_graphs)
     H = dense_hessian(model, loss_fn, X, y)
     assert np.all(H[:4] == 0) and np.all(H[:, :4] == 0)  # the unused parameter (first in named_parameters)
+    V = np.random.default_rng(2).standard_normal((2, op.n))
     with torch.no_grad():  # a caller's no_grad does not reach the HVP's own graph
-        for v in np.random.default_rng(2).standard_normal((2, op.n)):
-            np.testing.assert_allclose(op.matvec(v[None])[0], H @ v, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(op.matvec(V[:1])[0], H @ V[0], rtol=1e-12, atol=1e-13)
+    with torch.inference_mode():  # nor does inference_mode
+        np.testing.assert_allclose(op.matvec(V[1:])[0], H @ V[1], rtol=1e-12, atol=1e-13)
+    # the Hessian over the unused parameter alone (a loss without a graph), and over c alone under the loss linear
+    # in the outputs (a gradient without a graph): zeros
+    assert not np.any(TorchHessian(model, loss_fn, (X, y), params=["unused"]).matvec(V[:1, :4]))
+    op = TorchHessian(model, loss_fn, (X, y), params=["shift"])
+    np.testing.assert_allclose(op.matvec(V[:1, 4:6])[0], H[4:6, 4:6] @ V[0, 4:6], rtol=1e-12, atol=1e-13)
 
 
 def test_power_and_lanczos_agree_and_count_hvps():

@@ -337,7 +337,9 @@ class TorchHessian:
         MLP)."""
         torch = _torch()
         leaves = [p.detach().requires_grad_() for p in self.params.values()]
-        with torch.enable_grad(), _fixed_rng(torch, self.device, _batch_seed(self.seed, index)):
+        # a caller's no_grad or inference_mode would leave the loss without a graph: a Hessian of zeros
+        with torch.inference_mode(False), torch.enable_grad(), _fixed_rng(torch, self.device,
+                                                                           _batch_seed(self.seed, index)):
             loss = self._loss(batch)(dict(zip(self.names, leaves)))
             grads = (torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
                      if loss.requires_grad else ())
@@ -347,7 +349,7 @@ class TorchHessian:
         def apply(tangents):
             if not linked:
                 return [torch.zeros_like(p) for p in leaves]
-            with torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad():
                 return torch.autograd.grad([grads[i] for i in linked], leaves, [tangents[i] for i in linked],
                                            retain_graph=retain, allow_unused=True, materialize_grads=True)
 
