@@ -654,7 +654,18 @@ def test_a_worker_that_dies_leaves_its_points_missing_not_failed(tmp_path, toy, 
     assert fixed["square"].values.tolist() == [0, 1, 4, 9] and fixed["y"].dims == ("x", "step")
 
 
+@pytest.fixture
+def python_sigint():
+    """SIGINT raising KeyboardInterrupt in this process and in the processes it starts, as in an interactive shell:
+    a shell starts a background job (``pytest &``) with SIGINT ignored, and an ignored SIGINT stays ignored in
+    the Python processes started from it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # for preexec_fn: Python installs its own handler
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost interrupt
+@pytest.mark.usefixtures("python_sigint")
 def test_an_interrupt_lost_in_a_destructor_still_stops_the_sweep(tmp_path, toy):
     # in process, so the SIGINT comes to this (main) thread while the point at x = 1 runs, and its KeyboardInterrupt
     # is lost in a destructor: the sweep stops after storing that point, as it would had the exception come through
@@ -666,7 +677,7 @@ def test_an_interrupt_lost_in_a_destructor_still_stops_the_sweep(tmp_path, toy):
     assert status == [sweep.STATUS_DONE] * 2 + [sweep.STATUS_MISSING] * 2
 
 
-def test_ctrl_c_stores_what_finished_and_exits_with_one_line(tmp_path, toy, request):
+def test_ctrl_c_stores_what_finished_and_exits_with_one_line(tmp_path, toy, request, python_sigint):
     """16 points of 2 s each on 2 workers: when the signal comes after the second point, at least 12 s of sleeping
     remain (0.5 s points let a loaded machine finish the sweep first). Stopping must take less than that: the
     running points' last 2 s plus the pool's shutdown, well under 10 s."""
@@ -674,7 +685,7 @@ def test_ctrl_c_stores_what_finished_and_exits_with_one_line(tmp_path, toy, requ
     command = [sys.executable, "-m", "physai", "sweep", "sweeptoys.toy", "--x", "0:16", "--sleep", "2", "--out",
                str(out), "--executor", "process:2", "--quiet"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=python_sigint)
     request.addfinalizer(lambda: _kill_group(process))
     deadline = time.monotonic() + 120
     while not ((out / "status" / "zarr.json").exists()
