@@ -819,11 +819,11 @@ def _interrupts_recorded():
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _drive(store: _Store, tasks: list[_Task], executor, window: int, pending: dict, interrupted):
+def _drive(store: _Store, tasks: list[_Task], executor, window: int, pending: dict, received):
     """Submit the tasks (at most ``window`` in flight, tracked in ``pending``: future -> task), store each as it
     finishes; yield once per point. A task whose executor broke (a worker process died) is not run: its points
-    stay missing and are run by the next sweep on the store. ``interrupted`` (an Event) set raises
-    KeyboardInterrupt at the next task finished."""
+    stay missing and are run by the next sweep on the store. ``received`` (the Event of _interrupts_recorded)
+    set raises KeyboardInterrupt at the next task finished."""
     queue = iter(tasks)
     while True:
         for task in queue:
@@ -837,7 +837,7 @@ def _drive(store: _Store, tasks: list[_Task], executor, window: int, pending: di
             task = pending.pop(future)
             _settle(store, task, future)
             yield from range(task.hashes.size)
-        if interrupted.is_set():
+        if received.is_set():
             raise KeyboardInterrupt
 
 

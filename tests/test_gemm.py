@@ -52,9 +52,9 @@ def test_pre_activation_on_either_side_of_the_micro_limit(dtype, beyond):
     # micro_transposed_values, which depends on the dtype and the CPU's vectors), and one hidden unit more: BLAS.
     # More rows than hidden units, so the forward cuts rows and each block takes the whole width (with fewer it cuts
     # columns, each block well inside the limit); the saving forward takes the whole width at any n.
-    d = widths(dtype)[3]
-    m = SCHEDULE["micro_transposed_values"][np.dtype(dtype).name] // d + beyond
-    assert (m * d > SCHEDULE["micro_transposed_values"][np.dtype(dtype).name]) == beyond
+    d, limit = widths(dtype)[3], SCHEDULE["micro_transposed_values"][np.dtype(dtype).name]
+    m = limit // d + beyond
+    assert (m * d > limit) == beyond
     net, X, Y, v = make_problem("tanh", "mse", "standard", dtype, E=2, n=m + ROWS[0], d=d, m=m, k=1)
     check_against_reference(net, X, Y, v, "mse", f"d={d} m={m}")
     check_saved_backward("softplus", dtype, ROWS[0], d, m, want_dX=False)
