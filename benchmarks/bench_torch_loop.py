@@ -22,7 +22,9 @@ LR = 1e-3
 # m <= 256); 1.0 (never slower) at n=4096, d=m=1024, where torch already runs near the GEMM bound.
 # The two small sizes run with one output and with ten (the k of the large ones), so the output layer's small GEMMs
 # are measured where they are a large part of the step; a two-dimensional input (the toy data of many dynamics
-# studies) runs X W^T with a two-term sum and dZ^T X with two columns.
+# studies) runs X W^T with a two-term sum and dZ^T X with two columns. Inputs of 128 and 200 give dZ^T X 128 or 200
+# columns over a step of up to 2048 rows (the micro-kernels' limit on N K, micro_values, decides its path); at 200,
+# X W^T sums more terms than the micro-kernels take and runs on BLAS.
 POINTS = [
     ("n4096_d100_m1024_k10", 4096, 100, 1024, 10, 1.5),
     ("n256_d32_m64_k1", 256, 32, 64, 1, 1.5),
@@ -30,6 +32,8 @@ POINTS = [
     ("n1024_d64_m256_k1", 1024, 64, 256, 1, 1.5),
     ("n1024_d64_m256_k10", 1024, 64, 256, 10, 1.5),
     ("n1024_d2_m256_k1", 1024, 2, 256, 1, 1.5),
+    ("n2048_d128_m256_k10", 2048, 128, 256, 10, 1.5),
+    ("n1024_d200_m256_k10", 1024, 200, 256, 10, 1.5),
     ("n4096_d1024_m1024_k10", 4096, 1024, 1024, 10, 1.0),
 ]
 IDS = [point[0] for point in POINTS]

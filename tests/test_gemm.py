@@ -60,6 +60,20 @@ def test_pre_activation_on_either_side_of_the_micro_limit(dtype, beyond):
     check_saved_backward("softplus", dtype, ROWS[0], d, m, want_dX=False)
 
 
+@pytest.mark.parametrize("beyond", [False, True], ids=["micro", "blas"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_gradients_on_either_side_of_the_micro_limit(dtype, beyond):
+    # dZ^T X (A^T B: d columns, a sum over the rows of a step) and dZ W (A B: d columns, a sum over the hidden units)
+    # with N K at micro_values (which depends on the dtype and the CPU's vectors), and one term more: BLAS. d = 255
+    # runs 15 full vectors and a partial one. A narrow layer makes the backward's step of rows the whole batch, so the
+    # first sum has n terms; 13 rows keep the second, over m hidden units, off the wide layer's backward.
+    d, limit = 255, SCHEDULE["micro_values"][np.dtype(dtype).name]
+    terms = limit // d + beyond
+    assert (terms * d > limit) == beyond
+    check_saved_backward("softplus", dtype, terms, d, widths(dtype)[1], want_dX=False)
+    check_saved_backward("softplus", dtype, ROWS[0], d, terms, want_dX=True)
+
+
 # Input widths of at most small_dim: X W^T is A B^T with a short sum (the micro-kernels once m > small_dim), dZ^T X
 # is A^T B with a few columns (computed as its transpose, along the hidden units), dZ W is A B with a few columns.
 NARROW = [1, 2, 5, SCHEDULE["small_dim"]]

@@ -333,6 +333,10 @@ void bind_twolayer(py::module_& m) {
   transposed["float32"] = physai::gemm::micro_transposed_values<float>();
   transposed["float64"] = physai::gemm::micro_transposed_values<double>();
   schedule["micro_transposed_values"] = transposed;
+  py::dict straight;
+  straight["float32"] = physai::gemm::micro_values<float>();
+  straight["float64"] = physai::gemm::micro_values<double>();
+  schedule["micro_values"] = straight;
   m.attr("schedule") = schedule;
 
   m.def("forward", &forward, py::arg("X"), py::arg("W"), py::arg("b"), py::arg("a"), py::arg("config"),

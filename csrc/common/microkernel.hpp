@@ -33,18 +33,28 @@ int64_t micro_transposed_values() {
   return sizeof(T) == 4 && micro_vector_bytes() == 64 ? int64_t(1) << 15 : int64_t(1) << 13;
 }
 
+// A^T B and A B (the weight gradient dZ^T X over a step of rows, the input gradient dZ W) with at most 256 columns,
+// a sum of at most 2048 terms and at most this many values in B (N K): beyond, a block's strip of A falls out of L2
+// while B streams. Measured single-threaded on Sapphire Rapids against OpenBLAS, float and double: 0.9 to 1.4x as
+// fast up to N K = 2^17. On a Zen 5 (1 MiB of L2), micro / OpenBLAS speed for float with 512-bit vectors at N K =
+// 2^17 / 2^18 / 2^19, A^T B with 64 or 128 rows and A B with 256: 1.1-1.3 / 0.9-1.1 / 0.7-0.85 against OpenBLAS's
+// AVX-512 (SkylakeX) kernels, 1.9-2.1 / 1.5-1.8 / 1.2-1.3 against its AVX2 (Haswell) ones; double with 512-bit
+// vectors 0.9-1.06 / 0.76-0.9 against SkylakeX.
+template <class T>
+int64_t micro_values() {
+  return sizeof(T) == 4 && micro_vector_bytes() == 64 ? int64_t(1) << 18 : int64_t(1) << 17;
+}
+
 // Whether the micro-kernels take C = alpha op(A) op(B) + beta C: from N and K only (gemm.hpp's path_of asks for a
-// full block of a product, never for the block at hand). A B^T: up to micro_transposed_values. A^T B and A B,
-// measured single-threaded on Sapphire Rapids against OpenBLAS, float and double: 0.9 to 1.4x as fast up to
-// N K = 2^17 and K = 2048 (beyond, a block's strip of A falls out of L2 while B streams), and as fast inside the
-// two-layer kernels, where they give each element a fixed order. A^T B with at most kNarrowColumns columns streams A
-// along its rows once per tile of C^T's rows, whatever K, so any K fits.
+// full block of a product, never for the block at hand). A B^T: up to micro_transposed_values; A^T B and A B: up to
+// micro_values, where inside the two-layer kernels they also give each element a fixed order. A^T B with at most
+// kNarrowColumns columns streams A along its rows once per tile of C^T's rows, whatever K, so any K fits.
 template <class T>
 bool micro_fits(Trans ta, Trans tb, int64_t N, int64_t K) {
   if (ta == Trans::Yes && tb == Trans::Yes) return false;
   if (tb == Trans::Yes) return K <= 128 && N * K <= micro_transposed_values<T>();
   if (ta == Trans::Yes && N <= kNarrowColumns) return true;
-  return K <= 2048 && N <= 256 && N * K <= (int64_t(1) << 17);
+  return K <= 2048 && N <= 256 && N * K <= micro_values<T>();
 }
 
 // C = alpha op(A) op(B) + beta C for the products gemm.hpp's path_of sends here (row-major, leading dimensions as
