@@ -24,7 +24,7 @@ LR = 1e-3
 # are measured where they are a large part of the step; a two-dimensional input (the toy data of many dynamics
 # studies) runs X W^T with a two-term sum and dZ^T X with two columns. Inputs of 128 and 200 give dZ^T X 128 or 200
 # columns over a step of up to 2048 rows (the micro-kernels' limit on N K, micro_values, decides its path); at 200,
-# X W^T sums more terms than the micro-kernels take and runs on BLAS.
+# X W^T sums more than 128 terms (micro_transposed_side decides its path).
 POINTS = [
     ("n4096_d100_m1024_k10", 4096, 100, 1024, 10, 1.5),
     ("n256_d32_m64_k1", 256, 32, 64, 1, 1.5),

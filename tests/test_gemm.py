@@ -55,6 +55,22 @@ def test_pre_activation_on_either_side_of_the_micro_limit(dtype, beyond):
     d, limit = widths(dtype)[3], SCHEDULE["micro_transposed_values"][np.dtype(dtype).name]
     m = limit // d + beyond
     assert (m * d > limit) == beyond
+    assert m > SCHEDULE["micro_transposed_side"][np.dtype(dtype).name]  # beyond the other limit's width
+    net, X, Y, v = make_problem("tanh", "mse", "standard", dtype, E=2, n=m + ROWS[0], d=d, m=m, k=1)
+    check_against_reference(net, X, Y, v, "mse", f"d={d} m={m}")
+    check_saved_backward("softplus", dtype, ROWS[0], d, m, want_dX=False)
+
+
+@pytest.mark.parametrize("beyond", [False, True], ids=["micro", "blas"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_wide_pre_activation_on_either_side_of_the_micro_limit(dtype, beyond):
+    # X W^T with a sum of more than 128 terms (micro_transposed_side of them, one less to leave a partial vector) as
+    # wide as the micro-kernels take it (micro_transposed_side hidden units, float with 512-bit vectors only), and one
+    # hidden unit more: BLAS.
+    side = SCHEDULE["micro_transposed_side"][np.dtype(dtype).name]
+    if side == 0:
+        pytest.skip(f"{np.dtype(dtype).name} on this CPU: X W^T with a sum of more than 128 terms always runs on BLAS")
+    d, m = side - 1, side + beyond
     net, X, Y, v = make_problem("tanh", "mse", "standard", dtype, E=2, n=m + ROWS[0], d=d, m=m, k=1)
     check_against_reference(net, X, Y, v, "mse", f"d={d} m={m}")
     check_saved_backward("softplus", dtype, ROWS[0], d, m, want_dX=False)

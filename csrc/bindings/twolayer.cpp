@@ -333,6 +333,10 @@ void bind_twolayer(py::module_& m) {
   transposed["float32"] = physai::gemm::micro_transposed_values<float>();
   transposed["float64"] = physai::gemm::micro_transposed_values<double>();
   schedule["micro_transposed_values"] = transposed;
+  py::dict side;
+  side["float32"] = physai::gemm::micro_transposed_side<float>();
+  side["float64"] = physai::gemm::micro_transposed_side<double>();
+  schedule["micro_transposed_side"] = side;
   py::dict straight;
   straight["float32"] = physai::gemm::micro_values<float>();
   straight["float64"] = physai::gemm::micro_values<double>();

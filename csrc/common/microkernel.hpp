@@ -33,6 +33,16 @@ int64_t micro_transposed_values() {
   return sizeof(T) == 4 && micro_vector_bytes() == 64 ? int64_t(1) << 15 : int64_t(1) << 13;
 }
 
+// A B^T at most this wide (N) with a sum of at most this many terms (K) runs the micro-kernels too, at any N K
+// within: what the width costs is B's transposed rows, N values each, streamed once per step of the sum. Float with
+// 512-bit vectors, on the same Zen 5, 64 or 256 rows: 1.0-1.26x OpenBLAS's SkylakeX kernels and 1.7-2.2x its
+// Haswell ones at N <= 256 and K from 128 to 320 (N = 512: 0.87-0.94x SkylakeX at K = 128); double 0.83-1.05x
+// SkylakeX at N = 256, K = 200, so it keeps the limits above alone (0: none).
+template <class T>
+int64_t micro_transposed_side() {
+  return sizeof(T) == 4 && micro_vector_bytes() == 64 ? 256 : 0;
+}
+
 // A^T B and A B (the weight gradient dZ^T X over a step of rows, the input gradient dZ W) with at most 256 columns,
 // a sum of at most 2048 terms and at most this many values in B (N K): beyond, a block's strip of A falls out of L2
 // while B streams. Measured single-threaded on Sapphire Rapids against OpenBLAS, float and double: 0.9 to 1.4x as
@@ -46,13 +56,16 @@ int64_t micro_values() {
 }
 
 // Whether the micro-kernels take C = alpha op(A) op(B) + beta C: from N and K only (gemm.hpp's path_of asks for a
-// full block of a product, never for the block at hand). A B^T: up to micro_transposed_values; A^T B and A B: up to
-// micro_values, where inside the two-layer kernels they also give each element a fixed order. A^T B with at most
+// full block of a product, never for the block at hand). A B^T: up to micro_transposed_values or within
+// micro_transposed_side; A^T B and A B: up to micro_values, where inside the two-layer kernels they also give each element a fixed order. A^T B with at most
 // kNarrowColumns columns streams A along its rows once per tile of C^T's rows, whatever K, so any K fits.
 template <class T>
 bool micro_fits(Trans ta, Trans tb, int64_t N, int64_t K) {
   if (ta == Trans::Yes && tb == Trans::Yes) return false;
-  if (tb == Trans::Yes) return K <= 128 && N * K <= micro_transposed_values<T>();
+  if (tb == Trans::Yes) {
+    const int64_t side = micro_transposed_side<T>();
+    return (K <= 128 && N * K <= micro_transposed_values<T>()) || (N <= side && K <= side);
+  }
   if (ta == Trans::Yes && N <= kNarrowColumns) return true;
   return K <= 2048 && N <= 256 && N * K <= micro_values<T>();
 }
