@@ -1,5 +1,6 @@
 """Benchmarks share the pytest-benchmark fixture; each module declares the ratios it is judged by in
 ``RATIOS`` (see report.py), so comparisons are always between timings taken in the same run."""
+import itertools
 import time
 
 import pytest
@@ -18,7 +19,10 @@ def sgemm_rate_nearby(request):
     each kernel with the rate of its own minutes rather than with the rate at the start and end of the run."""
     yield
     benchmark = request.node.funcargs.get("benchmark")
-    if benchmark is None or benchmark.disabled or not benchmark.extra_info.get("flops"):
+    if benchmark is None or benchmark.disabled:
+        return
+    info = benchmark.extra_info
+    if not info.get("flops") and not any(run.get("flops") for run in info.get("interleaved", {}).values()):
         return
     benchmark.extra_info["sgemm_gflops"] = 2 * SGEMM_SIZE**3 / median_of(sgemm_times(repeats=5)) / 1e9
     time.sleep(OPENBLAS_SPIN_SECONDS)
@@ -39,3 +43,34 @@ def two_layer_gemms(X, W, a, S, G):
     dS = G @ a           # backprop into the hidden layer
     dW = dS.T @ X        # input-layer gradient
     return Z, F, da, dW
+
+
+def interleaved(benchmark, runs: dict, flops: dict | None = None, rounds: int | None = None,
+                seconds: float = 6.0) -> None:
+    """Time the callables ``runs`` (name -> callable) round by round, each once per round and the order rotating from
+    round to round, so that a load that comes and goes on a shared machine slows them alike rather than whichever
+    ran in its minutes. One round first as a warm-up, then ``rounds`` rounds (or as many as fill ``seconds``, 5 to
+    30). Each name's median time goes to ``extra_info["interleaved"][name]`` (with its FLOP count from ``flops``),
+    which report.py judges as the benchmark ``<test name>::<name>``; the benchmark's own time is one whole round."""
+    names = list(runs)
+    times = {name: [] for name in names}
+    turn = itertools.count()
+
+    def one_round():
+        first = next(turn)
+        for i in range(len(names)):
+            name = names[(first + i) % len(names)]
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    one_round()
+    if rounds is None:
+        rounds = int(min(30, max(5, seconds / (time.perf_counter() - start))))
+    for measured in times.values():
+        measured.clear()
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    benchmark.extra_info["interleaved"] = {
+        name: {"median": median_of(times[name]), **({"flops": flops[name]} if flops and name in flops else {})}
+        for name in names}

@@ -14,8 +14,11 @@ fraction of the machine's sgemm rate in ``extra_info["sgemm_goal"]``). The sgemm
 a square SGEMM_SIZE product, the median of its timings) is measured right after each such benchmark
 (``extra_info["sgemm_gflops"]``, see conftest.py), and report.py prints each one's FLOP count, GFLOP/s and
 fraction of that nearby rate; it also measures the rate before and after the whole run, for the machine line.
-Modules may also declare ``MEMORY``, ``(label, baseline_test, subject_test, goal)`` over ``extra_info["peak_mib"]``
-(peak resident memory of one call), judged as baseline / subject like a ratio.
+A benchmark that times several callables round by round (``conftest.interleaved``: their order rotating, so a load
+that comes and goes slows them alike) reports each as the benchmark ``<test name>::<name>``, which ``RATIOS`` and
+the tables treat like any other. Modules may also declare ``MEMORY``, ``(label, baseline_test, subject_test,
+goal)`` over ``extra_info["peak_mib"]`` (peak resident memory of one call), judged as baseline / subject like a
+ratio.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 SGEMM_SIZE = 2048
 # extra_info keys that feed the compute and memory tables rather than the free-form list
-TABLE_KEYS = ("flops", "sgemm_goal", "sgemm_gflops", "peak_mib")
+TABLE_KEYS = ("flops", "sgemm_goal", "sgemm_gflops", "peak_mib", "interleaved")
 
 
 def sgemm_times(size: int = SGEMM_SIZE, repeats: int = 7) -> list[float]:
@@ -85,6 +88,12 @@ def run_benchmarks(selection: str | None, extra: list[str]) -> tuple[dict[str, f
         data = json.loads(out.read_text())
     medians = {bench["name"]: bench["stats"]["median"] for bench in data["benchmarks"]}
     extras = {bench["name"]: bench["extra_info"] for bench in data["benchmarks"] if bench.get("extra_info")}
+    for name, info in list(extras.items()):  # conftest.interleaved's runs, each a benchmark of its own
+        for run, measured in info.get("interleaved", {}).items():
+            medians[f"{name}::{run}"] = measured["median"]
+            extras[f"{name}::{run}"] = {key: value for key, value in measured.items() if key != "median"}
+            if "sgemm_gflops" in info:
+                extras[f"{name}::{run}"]["sgemm_gflops"] = info["sgemm_gflops"]
     return medians, extras
 
 

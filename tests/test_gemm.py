@@ -62,18 +62,22 @@ def test_pre_activation_on_either_side_of_the_micro_limit(dtype, beyond):
 
 
 @pytest.mark.parametrize("beyond", [False, True], ids=["micro", "blas"])
+@pytest.mark.parametrize("layer", ["hidden", "output"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_wide_pre_activation_on_either_side_of_the_micro_limit(dtype, beyond):
-    # X W^T with a sum of more than 128 terms (micro_transposed_side of them, one less to leave a partial vector) as
-    # wide as the micro-kernels take it (micro_transposed_side hidden units, float with 512-bit vectors only), and one
-    # hidden unit more: BLAS.
+def test_wide_products_on_either_side_of_the_micro_limit(dtype, layer, beyond):
+    # A B^T with a sum of 129 to micro_transposed_side terms as wide as the micro-kernels take it (float with 512-bit
+    # vectors only), and one column more: BLAS. The hidden layer's X W^T sums over d = side - 1 inputs (B^T's copy
+    # ends in a partial block) into side hidden units; the output layer's S a^T over m = side - 1 hidden units into
+    # side outputs (more than the outputs computed by loops). More rows than columns, so the forward's blocks take
+    # the whole width; the saving forward takes it at any n.
     side = SCHEDULE["micro_transposed_side"][np.dtype(dtype).name]
     if side == 0:
-        pytest.skip(f"{np.dtype(dtype).name} on this CPU: X W^T with a sum of more than 128 terms always runs on BLAS")
-    d, m = side - 1, side + beyond
-    net, X, Y, v = make_problem("tanh", "mse", "standard", dtype, E=2, n=m + ROWS[0], d=d, m=m, k=1)
-    check_against_reference(net, X, Y, v, "mse", f"d={d} m={m}")
-    check_saved_backward("softplus", dtype, ROWS[0], d, m, want_dX=False)
+        pytest.skip(f"{np.dtype(dtype).name} on this CPU: A B^T with a sum of more than 128 terms always runs on BLAS")
+    width = side + beyond
+    d, m, k = (side - 1, width, 1) if layer == "hidden" else (widths(dtype)[0], side - 1, width)
+    net, X, Y, v = make_problem("tanh", "mse", "standard", dtype, E=2, n=width + ROWS[0], d=d, m=m, k=k)
+    check_against_reference(net, X, Y, v, "mse", f"d={d} m={m} k={k}")
+    check_saved_backward("softplus", dtype, ROWS[0], d, m, want_dX=False, k=k)
 
 
 @pytest.mark.parametrize("beyond", [False, True], ids=["micro", "blas"])
@@ -81,8 +85,8 @@ def test_wide_pre_activation_on_either_side_of_the_micro_limit(dtype, beyond):
 def test_gradients_on_either_side_of_the_micro_limit(dtype, beyond):
     # dZ^T X (A^T B: d columns, a sum over the rows of a step) and dZ W (A B: d columns, a sum over the hidden units)
     # with N K at micro_values (which depends on the dtype and the CPU's vectors), and one term more: BLAS. d = 255
-    # runs 15 full vectors and a partial one. A narrow layer makes the backward's step of rows the whole batch, so the
-    # first sum has n terms; 13 rows keep the second, over m hidden units, off the wide layer's backward.
+    # columns end in a partial vector. A narrow layer makes the backward's step of rows the whole batch, so the first
+    # sum has n terms; 13 rows keep the second, over m hidden units, off the wide layer's backward.
     d, limit = 255, SCHEDULE["micro_values"][np.dtype(dtype).name]
     terms = limit // d + beyond
     assert (terms * d > limit) == beyond
@@ -138,12 +142,12 @@ def test_saved_backward_matches_reference(dtype, d, m, want_dX):
     check_saved_backward("gelu", dtype, ROWS[1], widths(dtype)[d], widths(dtype)[m], want_dX)
 
 
-def check_saved_backward(activation, dtype, n, d, m, want_dX):
+def check_saved_backward(activation, dtype, n, d, m, want_dX, k=3):
     """forward_saving and backward_saved of a two-member ensemble against the twin (helpers from the torch tests,
     which skip without torch)."""
     from test_twolayer_torch import native_saved_backward, native_saving, saved_problem
 
-    p, X, G = saved_problem(activation, dtype, 2, n, m, d=d)
+    p, X, G = saved_problem(activation, dtype, 2, n, m, k=k, d=d)
     pt = p._replace(W=p.W.astype(TRUTH_DTYPE), b=p.b.astype(TRUTH_DTYPE), a=p.a.astype(TRUTH_DTYPE))
     Xt, Gt = X.astype(TRUTH_DTYPE), G.astype(TRUTH_DTYPE)
     F, S, D1 = native_saving(p, X)

@@ -410,24 +410,30 @@ def test_saved_kernels_do_not_depend_on_thread_count(activation, shape, want_dX)
             np.testing.assert_array_equal(x, y, err_msg=f"result {i}, 1 vs {threads} threads")
 
 
-def wide_saved_problem(activation, dtype, bias=True, several_steps=True):
+# Inputs of the wide layer: at 256 its dW and dX products (N K = 2^18) run on the micro-kernels where
+# micro_values allows (float with 512-bit vectors), at 264 on BLAS everywhere.
+WIDE_INPUTS = [256, 264]
+
+
+def wide_saved_problem(activation, dtype, d, bias=True, several_steps=True):
     """A wide layer (m d >= gemm_wide_operand), whose backward cuts the rows into blocks (at most wide_saved_blocks,
     of wide_saved_min_rows rows at least), each with its own gradients summed in block order and run in steps of at
     most wide_saved_rows rows: four blocks of two steps each (a full one and a short one), or two one-step blocks."""
     schedule = _core.twolayer.schedule
     blocks = schedule["wide_saved_blocks"]
     n = blocks * schedule["wide_saved_rows"] + 100 if several_steps else 2 * schedule["wide_saved_min_rows"] + 3
-    d, m = 256, 1024
+    m = 1024
     assert d * m >= schedule["gemm_wide_operand"]
     return saved_problem(activation, dtype, 1, n, m, True, bias, d=d)
 
 
+@pytest.mark.parametrize("d", WIDE_INPUTS, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("several_steps", [True, False], ids=["4-blocks-2-steps", "2-blocks"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("activation", ["tanh", "gelu"])  # sigma' read off S, and kept
-def test_wide_saved_backward_matches_the_twin(activation, bias, several_steps):
+def test_wide_saved_backward_matches_the_twin(activation, bias, several_steps, d):
     # float32 against a float64 truth (a long-double one at this size takes minutes)
-    p, X, G = wide_saved_problem(activation, np.float32, bias, several_steps)
+    p, X, G = wide_saved_problem(activation, np.float32, d, bias, several_steps)
     pt = p._replace(W=p.W.astype(np.float64), b=None if p.b is None else p.b.astype(np.float64),
                     a=p.a.astype(np.float64))
     Xt, Gt = X.astype(np.float64), G.astype(np.float64)
@@ -440,10 +446,11 @@ def test_wide_saved_backward_matches_the_twin(activation, bias, several_steps):
                                     f"{activation} wide backward_saved")
 
 
+@pytest.mark.parametrize("d", WIDE_INPUTS, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("several_steps", [True, False], ids=["4-blocks-2-steps", "2-blocks"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
-def test_wide_saved_kernels_do_not_depend_on_thread_count(dtype, several_steps):
-    p, X, G = wide_saved_problem("gelu", dtype, several_steps=several_steps)
+def test_wide_saved_kernels_do_not_depend_on_thread_count(dtype, several_steps, d):
+    p, X, G = wide_saved_problem("gelu", dtype, d, several_steps=several_steps)
     results = []
     for threads in (1, 2, 3):
         with physai.num_threads(threads):

@@ -45,8 +45,9 @@ void small_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, double alph
 // of C gets the same bits whichever block it falls in: a row of a batch alone or in a longer batch, a hidden unit in
 // a short last block of columns. (The forward of a tile shorter than the layer is wide, cut into blocks of columns,
 // and the drop-in's forward, whole rows, still part where a block of columns fits the micro-kernels and the whole
-// width does not: m > micro_transposed_side and either 8 < d <= 128 with m d > micro_transposed_values or 128 < d <=
-// micro_transposed_side; and BLAS may sum a row by its place in a block.)
+// width does not: for X W^T in blocks of 64 columns, m > micro_transposed_side and either 8 < d <= 128 with
+// m d > micro_transposed_values or 128 < d <= micro_transposed_side; S a^T likewise, with k outputs for m and m for
+// d; and BLAS may sum a row by its place in a block.)
 enum class Path { Plain, Micro, Blas };
 
 // The plain loops take the tiny dimensions that suit them: A B^T with a few columns (a dot product per element),

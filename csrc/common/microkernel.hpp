@@ -34,10 +34,11 @@ int64_t micro_transposed_values() {
 }
 
 // A B^T at most this wide (N) with a sum of at most this many terms (K) runs the micro-kernels too, at any N K
-// within: what the width costs is B's transposed rows, N values each, streamed once per step of the sum. Float with
-// 512-bit vectors, on the same Zen 5, 64 or 256 rows: 1.0-1.26x OpenBLAS's SkylakeX kernels and 1.7-2.2x its
-// Haswell ones at N <= 256 and K from 128 to 320 (N = 512: 0.87-0.94x SkylakeX at K = 128); double 0.83-1.05x
-// SkylakeX at N = 256, K = 200, so it keeps the limits above alone (0: none).
+// within (X W^T of up to 256 inputs into up to 256 hidden units, S a^T of up to 256 hidden units into more outputs
+// than the loops take): what the width costs is B's transposed rows, N values each, streamed once per step of the
+// sum. Float with 512-bit vectors, on the same Zen 5, 64 or 256 rows: 1.0-1.26x OpenBLAS's SkylakeX kernels and
+// 1.7-2.2x its Haswell ones at N from 64 to 256 and K from 128 to 320 (N = 512: 0.87-0.94x SkylakeX at K = 128);
+// double 0.83-1.05x SkylakeX at N = 256, K = 200, so it keeps the limits above alone (0: none).
 template <class T>
 int64_t micro_transposed_side() {
   return sizeof(T) == 4 && micro_vector_bytes() == 64 ? 256 : 0;
@@ -57,8 +58,9 @@ int64_t micro_values() {
 
 // Whether the micro-kernels take C = alpha op(A) op(B) + beta C: from N and K only (gemm.hpp's path_of asks for a
 // full block of a product, never for the block at hand). A B^T: up to micro_transposed_values or within
-// micro_transposed_side; A^T B and A B: up to micro_values, where inside the two-layer kernels they also give each element a fixed order. A^T B with at most
-// kNarrowColumns columns streams A along its rows once per tile of C^T's rows, whatever K, so any K fits.
+// micro_transposed_side; A^T B and A B: up to micro_values, where inside the two-layer kernels they also give each
+// element a fixed order. A^T B with at most kNarrowColumns columns streams A along its rows once per tile of C^T's
+// rows, whatever K, so any K fits.
 template <class T>
 bool micro_fits(Trans ta, Trans tb, int64_t N, int64_t K) {
   if (ta == Trans::Yes && tb == Trans::Yes) return false;
