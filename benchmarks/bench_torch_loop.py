@@ -133,7 +133,8 @@ def test_torch_loop(benchmark, torch, point):
     work = flops(p["n"], p["d"], p["m"], p["k"])
     # 17 GFLOP a step at the largest point: two rounds of 50 steps each (the check above warmed up)
     interleaved(benchmark, {"sequential": sequential_run, "physai": physai_run, "floor": floor_run},
-                flops={"sequential": work, "physai": work}, rounds=2 if p["id"] in LARGE_IDS else None)
+                info={"sequential": {"flops": work}, "physai": {"flops": work}},
+                rounds=2 if p["id"] in LARGE_IDS else None)
 
 
 def test_torch_loop_gemm_bound(benchmark, torch, point):

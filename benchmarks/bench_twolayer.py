@@ -4,14 +4,14 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import two_layer_gemms
+from conftest import OPENBLAS_SPIN_SECONDS, interleaved, two_layer_gemms
 
 from physai.twolayer import TwoLayer
 
 RATIOS = [
     ("two-layer large (n=4096,d=m=1024,k=10) fwd+bwd: native vs numpy GEMM bound (goal: 0.9 of the bound)",
-     "test_large_numpy_gemms", "test_large_native", 0.9),
-    ("two-layer large fwd+bwd: native vs torch eager", "test_large_torch", "test_large_native", 1.0),
+     "test_large::numpy_gemms", "test_large::native", 0.9),
+    ("two-layer large fwd+bwd: native vs torch eager", "test_large::torch", "test_large::native", 1.0),
     ("two-layer small (n=256,d=32,m=64,k=1) fwd+bwd: native vs torch eager", "test_small_torch", "test_small_native", 10),
     ("ensemble E=256 small nets fwd+bwd: native vs torch.func.vmap", "test_ensemble_vmap", "test_ensemble_native", 10),
     ("HVP (n=2048,d=64,m=256): one native gradient vs one native HVP at cached activations (goal: within 2.5x)",
@@ -31,8 +31,8 @@ RATIOS = [
 # Peak resident memory (MiB above the resident set before the call) of one call: (label, baseline, subject, goal),
 # judged as baseline / subject like RATIOS (goal 1: the fused kernel needs no more memory than torch).
 MEMORY = [
-    ("peak memory, loss+grad large (n=4096,d=m=1024,k=10): torch autograd / native fused", "test_large_torch",
-     "test_large_native", 1.0),
+    ("peak memory, loss+grad large (n=4096,d=m=1024,k=10): torch autograd / native fused", "test_large::torch",
+     "test_large::native", 1.0),
     ("peak memory, HVP large: torch (grad graph + double backward) / native (operator setup + one product)",
      "test_large_hvp_torch", "test_large_hvp_native", 1.0),
 ]
@@ -161,28 +161,22 @@ def large():
     return problem(**LARGE)
 
 
-def test_large_native(benchmark, large):
-    net, X, Y = large
-    benchmark.extra_info.update(peak_mib=peak_memory_mib("native_grad"), flops=flops_grad(**LARGE))
-    benchmark(net.loss_and_grad, X, Y)
-
-
-def test_large_numpy_gemms(benchmark, large):
+def test_large(benchmark, large, torch):
+    """The fused loss + gradient, numpy's five GEMMs of the same shapes (the bound) and torch eager autograd, timed
+    round by round (conftest.interleaved), with a pause after each for numpy's OpenBLAS threads to stop spinning."""
     net, X, Y = large
     W, a = net.W[0], net.a[0]
     S = np.tanh(X @ W.T)
     G = np.ones((LARGE["n"], LARGE["k"]), np.float32)
-
-    benchmark.extra_info.update(flops=flops_grad(**LARGE))
-    benchmark(two_layer_gemms, X, W, a, S, G)
-
-
-def test_large_torch(benchmark, large, torch):
-    net, X, Y = large
     params = torch_params(torch, net)
     Xt, Yt = torch.from_numpy(X), torch.from_numpy(Y)
-    benchmark.extra_info.update(peak_mib=peak_memory_mib("torch_grad"), flops=flops_grad(**LARGE))
-    benchmark(torch_loss_and_grad, torch, Xt, Yt, params)
+    work = {"flops": flops_grad(**LARGE)}
+    interleaved(benchmark,
+                {"native": lambda: net.loss_and_grad(X, Y), "numpy_gemms": lambda: two_layer_gemms(X, W, a, S, G),
+                 "torch": lambda: torch_loss_and_grad(torch, Xt, Yt, params)},
+                info={"native": {**work, "peak_mib": peak_memory_mib("native_grad")}, "numpy_gemms": work,
+                      "torch": {**work, "peak_mib": peak_memory_mib("torch_grad")}},
+                pause=OPENBLAS_SPIN_SECONDS)
 
 
 def _large_direction(net):

@@ -45,13 +45,14 @@ def two_layer_gemms(X, W, a, S, G):
     return Z, F, da, dW
 
 
-def interleaved(benchmark, runs: dict, flops: dict | None = None, rounds: int | None = None,
-                seconds: float = 6.0) -> None:
+def interleaved(benchmark, runs: dict, info: dict | None = None, rounds: int | None = None, seconds: float = 6.0,
+                pause: float = 0.0) -> None:
     """Time the callables ``runs`` (name -> callable) round by round, each once per round and the order rotating from
     round to round, so that a load that comes and goes on a shared machine slows them alike rather than whichever
     ran in its minutes. One round first as a warm-up, then ``rounds`` rounds (or as many as fill ``seconds``, 5 to
-    30). Each name's median time goes to ``extra_info["interleaved"][name]`` (with its FLOP count from ``flops``),
-    which report.py judges as the benchmark ``<test name>::<name>``; the benchmark's own time is one whole round."""
+    30); ``pause`` seconds between two runs, untimed (for BLAS threads that spin after a product). Each name's median
+    time goes to ``extra_info["interleaved"][name]`` with ``info[name]`` (its FLOP count, peak memory), which
+    report.py judges as the benchmark ``<test name>::<name>``; the benchmark's own time is one whole round."""
     names = list(runs)
     times = {name: [] for name in names}
     turn = itertools.count()
@@ -63,6 +64,7 @@ def interleaved(benchmark, runs: dict, flops: dict | None = None, rounds: int | 
             start = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - start)
+            time.sleep(pause)
 
     start = time.perf_counter()
     one_round()
@@ -71,6 +73,5 @@ def interleaved(benchmark, runs: dict, flops: dict | None = None, rounds: int | 
     for measured in times.values():
         measured.clear()
     benchmark.pedantic(one_round, rounds=rounds, iterations=1)
-    benchmark.extra_info["interleaved"] = {
-        name: {"median": median_of(times[name]), **({"flops": flops[name]} if flops and name in flops else {})}
-        for name in names}
+    benchmark.extra_info["interleaved"] = {name: {"median": median_of(times[name]), **(info or {}).get(name, {})}
+                                           for name in names}
