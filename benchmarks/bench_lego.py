@@ -2,12 +2,18 @@
 generator, and a memory bound (np.empty + fill of the same output bytes).
 
 All timings are per batch of ``BATCH`` sentences. The reference is ~10^4x slower, so it is timed on
-``REFERENCE_BATCH`` sentences and scaled to ``BATCH`` (its cost is linear in the batch: one loop per sample).
+``REFERENCE_BATCH`` sentences and scaled to ``BATCH`` (its cost is linear in the batch: one loop per sample). The
+large batch on 2 threads and on 1 thread are timed round by round in one benchmark (``conftest.interleaved``): a
+load that comes and goes between separate benchmarks once moved their ratio from 1.65 to 1.33 (goal 1.7). The
+sub-millisecond calls stay separate benchmarks of many back-to-back calls: between calls of other work each would
+wake the thread pool from sleep, 0.5 ms a call where a run of calls takes 0.3.
 """
 import random
 
 import numpy as np
 import pytest
+
+from conftest import interleaved
 
 import physai
 from physai.lego import LegoTask
@@ -23,7 +29,8 @@ RATIOS = [
      "test_lego_native[2]", 100),
     ("LEGO n=12 B=4096: native (2 threads) vs np.empty+fill of the output (goal: within 4x)", "test_lego_fill_bound",
      "test_lego_native[2]", 0.25),
-    ("LEGO n=12 B=65536: 2 threads vs 1 thread", "test_lego_large_batch[1]", "test_lego_large_batch[2]", 1.7),
+    ("LEGO n=12 B=65536: 2 threads vs 1 thread", "test_lego_large_batch::1_thread", "test_lego_large_batch::2_threads",
+     1.7),
 ]
 
 
@@ -77,10 +84,14 @@ def test_lego_fill_bound(benchmark):
     benchmark(fill_outputs, BATCH)
 
 
-@pytest.mark.parametrize("threads", [2, 1])
-def test_lego_large_batch(benchmark, threads):
+def sample_on(threads, batch):
     with physai.num_threads(threads):
-        benchmark(TASK.sample, 65536, 0)
+        return TASK.sample(batch, 0)
+
+
+def test_lego_large_batch(benchmark):
+    interleaved(benchmark, {"2_threads": lambda: sample_on(2, 65536), "1_thread": lambda: sample_on(1, 65536)},
+                seconds=3)
 
 
 @pytest.mark.parametrize("n_vars", [6, 12, 18, 26])

@@ -50,7 +50,7 @@ def interleaved(benchmark, runs: dict, info: dict | None = None, rounds: int | N
     """Time the callables ``runs`` (name -> callable) round by round, each once per round and the order rotating from
     round to round, so that a load that comes and goes on a shared machine slows them alike rather than whichever
     ran in its minutes. One round first as a warm-up, then ``rounds`` rounds (or as many as fill ``seconds``, 5 to
-    30); ``pause`` seconds between two runs, untimed (for BLAS threads that spin after a product). Each name's median
+    1000); ``pause`` seconds between two runs, untimed (for BLAS threads that spin after a product). Each name's median
     time goes to ``extra_info["interleaved"][name]`` with ``info[name]`` (its FLOP count, peak memory), which
     report.py judges as the benchmark ``<test name>::<name>``; the benchmark's own time is one whole round."""
     names = list(runs)
@@ -69,7 +69,7 @@ def interleaved(benchmark, runs: dict, info: dict | None = None, rounds: int | N
     start = time.perf_counter()
     one_round()
     if rounds is None:
-        rounds = int(min(30, max(5, seconds / (time.perf_counter() - start))))
+        rounds = int(min(1000, max(5, seconds / (time.perf_counter() - start))))
     for measured in times.values():
         measured.clear()
     benchmark.pedantic(one_round, rounds=rounds, iterations=1)
