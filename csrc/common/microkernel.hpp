@@ -38,7 +38,8 @@ int64_t micro_transposed_values() {
 // than the loops take): what the width costs is B's transposed rows, N values each, streamed once per step of the
 // sum. Float with 512-bit vectors, on the same Zen 5, 64 or 256 rows: 1.0-1.26x OpenBLAS's SkylakeX kernels and
 // 1.7-2.2x its Haswell ones at N from 64 to 256 and K from 128 to 320 (N = 512: 0.87-0.94x SkylakeX at K = 128);
-// double 0.83-1.05x SkylakeX at N = 256, K = 200, so it keeps the limits above alone (0: none).
+// float with 256-bit vectors 0.74-0.92x Haswell and double 0.83-1.05x SkylakeX at N = 256, K = 200 or 256, so they
+// keep the limits above alone (0: none).
 template <class T>
 int64_t micro_transposed_side() {
   return sizeof(T) == 4 && micro_vector_bytes() == 64 ? 256 : 0;
@@ -49,8 +50,8 @@ int64_t micro_transposed_side() {
 // while B streams. Measured single-threaded on Sapphire Rapids against OpenBLAS, float and double: 0.9 to 1.4x as
 // fast up to N K = 2^17. On a Zen 5 (1 MiB of L2), micro / OpenBLAS speed for float with 512-bit vectors at N K =
 // 2^17 / 2^18 / 2^19, A^T B with 64 or 128 rows and A B with 256: 1.1-1.3 / 0.9-1.1 / 0.7-0.85 against OpenBLAS's
-// AVX-512 (SkylakeX) kernels, 1.9-2.1 / 1.5-1.8 / 1.2-1.3 against its AVX2 (Haswell) ones; double with 512-bit
-// vectors 0.9-1.06 / 0.76-0.9 against SkylakeX.
+// AVX-512 (SkylakeX) kernels, 1.9-2.1 / 1.5-1.8 / 1.2-1.3 against its AVX2 (Haswell) ones; float with 256-bit
+// vectors 0.95-0.97 / 0.71-0.77 against Haswell; double with 512-bit vectors 0.9-1.06 / 0.76-0.9 against SkylakeX.
 template <class T>
 int64_t micro_values() {
   return sizeof(T) == 4 && micro_vector_bytes() == 64 ? int64_t(1) << 18 : int64_t(1) << 17;
