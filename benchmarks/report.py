@@ -88,13 +88,19 @@ def run_benchmarks(selection: str | None, extra: list[str]) -> tuple[dict[str, f
         data = json.loads(out.read_text())
     medians = {bench["name"]: bench["stats"]["median"] for bench in data["benchmarks"]}
     extras = {bench["name"]: bench["extra_info"] for bench in data["benchmarks"] if bench.get("extra_info")}
-    for name, info in list(extras.items()):  # conftest.interleaved's runs, each a benchmark of its own
+    expand_interleaved(medians, extras)
+    return medians, extras
+
+
+def expand_interleaved(medians: dict[str, float], extras: dict[str, dict]) -> None:
+    """Add each run that conftest.interleaved timed inside a benchmark as a benchmark of its own, ``<test>::<run>``:
+    its median (seconds) to ``medians``, its extra_info (with the benchmark's nearby sgemm rate) to ``extras``."""
+    for name, info in list(extras.items()):
         for run, measured in info.get("interleaved", {}).items():
             medians[f"{name}::{run}"] = measured["median"]
             extras[f"{name}::{run}"] = {key: value for key, value in measured.items() if key != "median"}
             if "sgemm_gflops" in info:
                 extras[f"{name}::{run}"]["sgemm_gflops"] = info["sgemm_gflops"]
-    return medians, extras
 
 
 def main(argv=None) -> int:
