@@ -329,18 +329,18 @@ void bind_twolayer(py::module_& m) {
   schedule["wide_saved_min_rows"] = tl::detail::kWideSavedMinRows;
   schedule["wide_saved_rows"] = tl::detail::kWideSavedRows;
   schedule["small_dim"] = physai::gemm::kSmallDim;
-  py::dict transposed;
-  transposed["float32"] = physai::gemm::micro_transposed_values<float>();
-  transposed["float64"] = physai::gemm::micro_transposed_values<double>();
-  schedule["micro_transposed_values"] = transposed;
-  py::dict side;
-  side["float32"] = physai::gemm::micro_transposed_side<float>();
-  side["float64"] = physai::gemm::micro_transposed_side<double>();
-  schedule["micro_transposed_side"] = side;
-  py::dict straight;
-  straight["float32"] = physai::gemm::micro_values<float>();
-  straight["float64"] = physai::gemm::micro_values<double>();
-  schedule["micro_values"] = straight;
+  const auto per_dtype = [](int64_t float32, int64_t float64) {
+    py::dict limits;
+    limits["float32"] = float32;
+    limits["float64"] = float64;
+    return limits;
+  };
+  namespace gm = physai::gemm;
+  schedule["micro_transposed_values"] =
+      per_dtype(gm::micro_transposed_values<float>(), gm::micro_transposed_values<double>());
+  schedule["micro_transposed_side"] =
+      per_dtype(gm::micro_transposed_side<float>(), gm::micro_transposed_side<double>());
+  schedule["micro_values"] = per_dtype(gm::micro_values<float>(), gm::micro_values<double>());
   m.attr("schedule") = schedule;
 
   m.def("forward", &forward, py::arg("X"), py::arg("W"), py::arg("b"), py::arg("a"), py::arg("config"),

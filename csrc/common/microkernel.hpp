@@ -21,6 +21,12 @@ bool micro_available();
 // The width of the micro-kernels' vectors on this CPU, in bytes: 64 (AVX-512), 32 (AVX2/FMA) or 0 (none).
 int micro_vector_bytes();
 
+// Float with 512-bit vectors: the case whose larger limits below were measured to pay (others keep the smaller).
+template <class T>
+bool micro_wide_float() {
+  return sizeof(T) == 4 && micro_vector_bytes() == 64;
+}
+
 // A B^T (X W^T, the pre-activation) with a sum of at most 128 terms and at most this many values in B (N K, the
 // weights) runs the micro-kernels, which first transpose B into scratch: more for float with 512-bit vectors than
 // otherwise. Measured single-threaded on a Zen 5, 2048 rows of A in blocks of 64 (gemm.hpp's), micro / OpenBLAS
@@ -30,7 +36,7 @@ int micro_vector_bytes();
 // SkylakeX. (On Sapphire Rapids, earlier: 1.2 to 1.7 up to 8192, 1.0 at 16384.)
 template <class T>
 int64_t micro_transposed_values() {
-  return sizeof(T) == 4 && micro_vector_bytes() == 64 ? int64_t(1) << 15 : int64_t(1) << 13;
+  return micro_wide_float<T>() ? int64_t(1) << 15 : int64_t(1) << 13;
 }
 
 // A B^T at most this wide (N) with a sum of at most this many terms (K) runs the micro-kernels too, at any N K
@@ -42,7 +48,7 @@ int64_t micro_transposed_values() {
 // keep the limits above alone (0: none).
 template <class T>
 int64_t micro_transposed_side() {
-  return sizeof(T) == 4 && micro_vector_bytes() == 64 ? 256 : 0;
+  return micro_wide_float<T>() ? 256 : 0;
 }
 
 // A^T B and A B (the weight gradient dZ^T X over a step of rows, the input gradient dZ W) with at most 256 columns,
@@ -54,7 +60,7 @@ int64_t micro_transposed_side() {
 // vectors 0.95-0.97 / 0.71-0.77 against Haswell; double with 512-bit vectors 0.9-1.06 / 0.76-0.9 against SkylakeX.
 template <class T>
 int64_t micro_values() {
-  return sizeof(T) == 4 && micro_vector_bytes() == 64 ? int64_t(1) << 18 : int64_t(1) << 17;
+  return micro_wide_float<T>() ? int64_t(1) << 18 : int64_t(1) << 17;
 }
 
 // Whether the micro-kernels take C = alpha op(A) op(B) + beta C: from N and K only (gemm.hpp's path_of asks for a
