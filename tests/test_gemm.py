@@ -65,10 +65,10 @@ def test_pre_activation_on_either_side_of_the_micro_limit(dtype, beyond):
 @pytest.mark.parametrize("layer", ["hidden", "output"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_wide_products_on_either_side_of_the_micro_limit(dtype, layer, beyond):
-    # A B^T with a sum of 129 to micro_transposed_side terms as wide as the micro-kernels take it (float with 512-bit
-    # vectors only), and one column more: BLAS. The hidden layer's X W^T sums over d = side - 1 inputs (B^T's copy
-    # ends in a partial block) into side hidden units; the output layer's S a^T over m = side - 1 hidden units into
-    # side outputs (more than the outputs computed by loops). More rows than columns, so the forward's blocks take
+    # A B^T with a sum of 129 to micro_transposed_side terms as wide as the micro-kernels take it (float on the CPUs
+    # of micro_large_float_limits only), and one column more: BLAS. The hidden layer's X W^T sums over d = side - 1
+    # inputs (B^T's copy ends in a partial block) into side hidden units; the output layer's S a^T over m = side - 1
+    # hidden units into side outputs (more than the outputs computed by loops). More rows than columns, so the forward's blocks take
     # the whole width; the saving forward takes it at any n.
     side = SCHEDULE["micro_transposed_side"][np.dtype(dtype).name]
     if side == 0:

@@ -411,7 +411,7 @@ def test_saved_kernels_do_not_depend_on_thread_count(activation, shape, want_dX)
 
 
 # Inputs of the wide layer: at 256 its dW and dX products (N K = 2^18) run on the micro-kernels where
-# micro_values allows (float with 512-bit vectors), at 264 on BLAS everywhere.
+# micro_values allows (float on the CPUs of micro_large_float_limits), at 264 on BLAS everywhere.
 WIDE_INPUTS = [256, 264]
 
 

@@ -257,7 +257,11 @@ bool dispatch(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, cons
 
 }  // namespace
 
+// __builtin_cpu_init first: this runs among the library's static initializers, which may precede libgcc's.
+const bool kZen1 = (__builtin_cpu_init(), kVectorBytes == 32 && __builtin_cpu_is("znver1"));
+
 bool micro_available() { return kVectorBytes != 0; }
+bool micro_large_float_limits() { return kVectorBytes == 64 || kZen1; }
 int micro_vector_bytes() { return kVectorBytes; }
 
 bool micro_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
