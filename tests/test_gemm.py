@@ -49,9 +49,9 @@ def test_every_tile_matches_reference(dtype, d, m):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_pre_activation_on_either_side_of_the_micro_limit(dtype, beyond):
     # X W^T with a sum of widths()[3] terms and the widest W the micro-kernels take (N K at most
-    # micro_transposed_values, which depends on the dtype and the CPU's vectors), and one hidden unit more: BLAS.
-    # More rows than hidden units, so the forward cuts rows and each block takes the whole width (with fewer it cuts
-    # columns, each block well inside the limit); the saving forward takes the whole width at any n.
+    # micro_transposed_values, which depends on the dtype and the CPU: micro_large_float_limits), and one hidden unit
+    # more: BLAS. More rows than hidden units, so the forward cuts rows and each block takes the whole width (with
+    # fewer it cuts columns, each block well inside the limit); the saving forward takes the whole width at any n.
     d, limit = widths(dtype)[3], SCHEDULE["micro_transposed_values"][np.dtype(dtype).name]
     m = limit // d + beyond
     assert (m * d > limit) == beyond
@@ -68,8 +68,8 @@ def test_wide_products_on_either_side_of_the_micro_limit(dtype, layer, beyond):
     # A B^T with a sum of 129 to micro_transposed_side terms as wide as the micro-kernels take it (float on the CPUs
     # of micro_large_float_limits only), and one column more: BLAS. The hidden layer's X W^T sums over d = side - 1
     # inputs (B^T's copy ends in a partial block) into side hidden units; the output layer's S a^T over m = side - 1
-    # hidden units into side outputs (more than the outputs computed by loops). More rows than columns, so the forward's blocks take
-    # the whole width; the saving forward takes it at any n.
+    # hidden units into side outputs (more than the outputs computed by loops). More rows than columns, so the
+    # forward's blocks take the whole width; the saving forward takes it at any n.
     side = SCHEDULE["micro_transposed_side"][np.dtype(dtype).name]
     if side == 0:
         pytest.skip(f"{np.dtype(dtype).name} on this CPU: A B^T with a sum of more than 128 terms always runs on BLAS")
@@ -84,9 +84,9 @@ def test_wide_products_on_either_side_of_the_micro_limit(dtype, layer, beyond):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_gradients_on_either_side_of_the_micro_limit(dtype, beyond):
     # dZ^T X (A^T B: d columns, a sum over the rows of a step) and dZ W (A B: d columns, a sum over the hidden units)
-    # with N K at micro_values (which depends on the dtype and the CPU's vectors), and one term more: BLAS. d = 255
-    # columns end in a partial vector. A narrow layer makes the backward's step of rows the whole batch, so the first
-    # sum has n terms; 13 rows keep the second, over m hidden units, off the wide layer's backward.
+    # with N K at micro_values (which depends on the dtype and the CPU: micro_large_float_limits), and one term more:
+    # BLAS. d = 255 columns end in a partial vector. A narrow layer makes the backward's step of rows the whole batch,
+    # so the first sum has n terms; 13 rows keep the second, over m hidden units, off the wide layer's backward.
     d, limit = 255, SCHEDULE["micro_values"][np.dtype(dtype).name]
     terms = limit // d + beyond
     assert (terms * d > limit) == beyond

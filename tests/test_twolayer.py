@@ -114,8 +114,8 @@ def test_forward_and_saving_forward_give_the_same_outputs(dtype, k, n):
 
 
 # (n, d, m): a short batch of a layer with a narrow last block of columns (the forward cuts columns when n < m, the
-# saving forward does not), and a narrow input to a wide layer (m d = 8800: beyond the micro-kernels' A B^T limit
-# for double and 256-bit vectors, were the sum not short)
+# saving forward does not), and a narrow input to a wide layer (m d = 8800: beyond the smaller A B^T limit,
+# micro_transposed_values = 2^13 for double and for float off micro_large_float_limits, were the sum not short)
 @pytest.mark.parametrize(("n", "d", "m"), [(40, 2, 70), (40, 11, 70), (5, 8, 1100), (45, 8, 1100)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_forward_and_saving_forward_agree_at_any_cut(dtype, n, d, m):

@@ -2,8 +2,9 @@
 // columns) that may run in parallel. Products with a tiny dimension (the k outputs of a network) run the plain-loop
 // small GEMM below, which beats a BLAS call there; small widths run the register-blocked micro-kernels
 // (microkernel.hpp), which skip BLAS's packing; the others call BLAS, single-threaded (set once when the module
-// loads): OpenBLAS's own threading changes the rounding of some shapes with the thread count. The cut and the path
-// depend only on the shapes, so the bits never depend on the thread count.
+// loads): OpenBLAS's own threading changes the rounding of some shapes with the thread count. The cut depends only
+// on the shapes, and the path on the shapes and the CPU (its vectors and, for float, micro_large_float_limits), so
+// the bits never depend on the thread count.
 #pragma once
 #include <algorithm>
 #include <cstdint>

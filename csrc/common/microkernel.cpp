@@ -255,10 +255,10 @@ bool dispatch(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, cons
   return kVectorBytes != 0;
 }
 
-}  // namespace
+// Zen or Zen+ (gcc's znver1: AMD family 17h before Zen 2), whose float products take the larger limits.
+const bool kZen1 = kVectorBytes == 32 && __builtin_cpu_is("znver1");
 
-// __builtin_cpu_init first: this runs among the library's static initializers, which may precede libgcc's.
-const bool kZen1 = (__builtin_cpu_init(), kVectorBytes == 32 && __builtin_cpu_is("znver1"));
+}  // namespace
 
 bool micro_available() { return kVectorBytes != 0; }
 bool micro_large_float_limits() { return kVectorBytes == 64 || kZen1; }

@@ -3,7 +3,8 @@
 // packing and call overhead that dominate a general BLAS at these sizes. Each element of C is one chain of
 // multiply-adds over l = 0 .. K-1 in order, scaled once at the end, whatever its place in the register blocking or
 // the tails: its bits depend on K and the CPU's instruction set only. AVX-512 CPUs use 512-bit vectors, AVX2/FMA
-// CPUs 256-bit ones; older CPUs do not take this path.
+// CPUs 256-bit ones; older CPUs do not take this path. Which products come here depends on their shapes and on the
+// CPU (micro_fits).
 #pragma once
 #include <cstdint>
 
