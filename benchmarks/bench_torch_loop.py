@@ -71,13 +71,6 @@ def _point(request):
     return next(p for p in POINTS if p[0] == request.param)
 
 
-def _timed(benchmark, run, large):
-    if large:  # 17 GFLOP a step: two rounds of 50 steps
-        benchmark.pedantic(run, rounds=2, iterations=1)
-    else:
-        benchmark(run)
-
-
 @pytest.fixture(scope="module", params=IDS)
 def point(request, torch):
     _id, n, d, m, k, _ = _point(request)
@@ -153,7 +146,10 @@ def test_torch_loop_gemm_bound(benchmark, torch, point):
         return out
 
     benchmark.extra_info.update(flops=flops(n, d, m, k))
-    _timed(benchmark, run, p["id"] in LARGE_IDS)
+    if p["id"] in LARGE_IDS:  # 17 GFLOP a step: two rounds of 50 steps
+        benchmark.pedantic(run, rounds=2, iterations=1)
+    else:
+        benchmark(run)
 
 
 def _no_kernels(torch, n, k, W, b, a):
