@@ -116,6 +116,19 @@ def test_ties_and_tiny_shapes_count_as_the_twin(n, d, bias, seed):
                                                                   np.zeros(1, int)), np.float64, "ties")
 
 
+def test_curvature_keeps_its_relative_accuracy_at_large_negative_margins():
+    """d2l/df2 = sigma(m) sigma(-m) at margins m = -10.7 and -40 (one unit, so H[0, 0] is that curvature times
+    S+^2 = 1): within a few ulps of the long-double twin, where sigma(-m) (1 - sigma(-m)) is 5e4 ulps off at -10.7
+    and exactly 0 at -40."""
+    for margin in (-10.7, -40.0):
+        X, y = np.array([[[1.0]]]), np.array([[1.0]])
+        a_plus, a_minus = np.array([margin]), np.array([0.5])
+        native = shared_bias.loss_grad_hessian(X, y, a_plus, a_minus, [0.0])[2][0, 0, 0]
+        cast = [np.asarray(v, np.longdouble) for v in (X, y, a_plus, a_minus, np.zeros(1))]
+        truth = reference.shared_bias_evaluate(*cast)[2][0, 0, 0]
+        assert truth > 0 and abs(native - truth) <= 8 * np.finfo(float).eps * truth, (margin, native, truth)
+
+
 def test_a_rate_far_past_the_edge_kills_every_unit_and_returns():
     """The logistic loss's gradient is bounded, so a huge rate does not overflow: it throws the bias far below every
     coordinate, where all units are dead (f = 0, loss log 2, zero Hessian); the cursors walk to the end and stay."""
