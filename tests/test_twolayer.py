@@ -232,15 +232,17 @@ def assert_same_bits_for_any_thread_count(compute):
 
 def kernel_paths():
     """(E, n, d, m) of a lone small member (parallel row blocks), a lone large one (each GEMM split into fixed blocks,
-    row-parallel loops: work n m (d + k) just above blocked_work at d = 33, k = 2), a lone wide one (GEMMs whose
-    shared operand d m, n d has gemm_wide_operand elements or more, split into blocks of gemm_wide_block rows: two
-    full blocks and a short one of the n rows) and an ensemble (member-parallel)."""
+    row-parallel loops: work n m (d + k) just above blocked_work at d = 33, k = 2; and at m = 100, d + k = 65 or 66,
+    whose ~10k rows make several tiles, so that the backward's sums over tiles add to what earlier tiles wrote), a
+    lone wide one (GEMMs whose shared operand d m, n d has gemm_wide_operand elements or more, split into blocks of
+    gemm_wide_block rows: two full blocks and a short one of the n rows) and an ensemble (member-parallel)."""
     m_large, d_wide, m_wide = 480, 256, 1024
     n_wide = 2 * SCHEDULE["gemm_wide_block"] + 44
     assert d_wide * m_wide >= SCHEDULE["gemm_wide_operand"] and SCHEDULE["tile_values"] // m_wide >= n_wide
     return {"lone-row-blocks": (1, 700, 33, 300),
             "lone-split-gemms": (1, SCHEDULE["blocked_work"] // (m_large * 35) + 1, 33, m_large),
             "lone-wide-gemms": (1, n_wide, d_wide, m_wide),
+            "lone-split-gemms-tiles": (1, SCHEDULE["blocked_work"] // (100 * 65) + 1, 64, 100),
             "ensemble": (5, 300, 33, 40)}
 
 
@@ -303,8 +305,9 @@ def test_single_output_backward_pass_gives_the_bits_of_its_three_passes(dtype, b
     # GEMM, column sums), with sigma' from S (tanh) or from the activation pass's D1 (the others). Both must give the
     # same bits, so for members whose rows make one tile (n <= 128 here; longer batches cut the untracked step's
     # rows into blocks) tracking the sharpness leaves the trajectory as it is. Widths 3 to 70 run every column block
-    # and tail of the one pass; n odd and even, the last row of the even/odd sums.
-    for m, n in ((3, 7), (13, 64), (37, 33), (70, 128)):
+    # and tail of the one pass (70 rows of 127 or 128 overflow L1, where AVX-512 CPUs take blocks of four vectors);
+    # n odd and even, the last row of the even/odd sums.
+    for m, n in ((3, 7), (13, 64), (37, 33), (70, 128), (70, 127)):
         runs = []
         for track in (None, 1):
             net = TwoLayer(4, m, 1, activation, "mean-field", bias=bias, ensemble=2, dtype=dtype, seed=m)

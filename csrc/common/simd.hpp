@@ -138,6 +138,15 @@ PHYSAI_INLINE V opaque(V v) {
   return v;
 }
 
+// v rounded on its own: GCC may not fuse the product that made it into a multiply-add with what it is added to next,
+// as it did in some blocks and not others (a column's bits then depended on its block). A memory operand, not
+// opaque's register: the baseline clone has no register for a 32-byte vector.
+template <class V>
+PHYSAI_INLINE V unfused(V v) {
+  asm("" : "+m"(v));
+  return v;
+}
+
 // c[j] = beta c[j] + alpha sum_l coef(l) B[l, j] for j in [j0, N), in blocks of U (a Vec, or one T for
 // the last columns), `Width` of them held in registers across the whole sum over l (accumulating into c would chain
 // every l through a store and a reload). Even and odd l go to separate sums, added at the end, so that consecutive
@@ -161,7 +170,7 @@ PHYSAI_INLINE int64_t accumulate_columns(int64_t j0, int64_t N, int64_t K, T alp
       for (int w = 0; w < Width; ++w) even[w] += coef(l) * load<U>(B + l * ldb + j0 + w * lanes);
     for (int w = 0; w < Width; ++w) {
       T* out = c + j0 + w * lanes;
-      const U sum = alpha * (even[w] + odd[w]);
+      const U sum = unfused(alpha * (even[w] + odd[w]));
       store(out, beta == T(0) ? sum : sum + beta * load<U>(out));
     }
   }

@@ -301,7 +301,7 @@ PHYSAI_INLINE int64_t backprop_sums_columns(int64_t j0, int64_t rows, int64_t m,
   for (; j0 + cols <= m; j0 += cols) {
     U av[Width], da_even[Width] = {}, da_odd[Width] = {}, db_even[Width] = {}, db_odd[Width] = {};
     for (int w = 0; w < Width; ++w) av[w] = load<U>(a + j0 + w * lanes);
-    const auto row = [&](int64_t l, U* da_sum, U* db_sum) {
+    const auto row = [&](int64_t l, U* da_sum, U* db_sum) PHYSAI_INLINE_LAMBDA {
       const T g = G[l];
       for (int w = 0; w < Width; ++w) {
         const int64_t at = l * m + j0 + w * lanes;
@@ -320,7 +320,7 @@ PHYSAI_INLINE int64_t backprop_sums_columns(int64_t j0, int64_t rows, int64_t m,
     if (l < rows) row(l, da_even, db_even);
     for (int w = 0; w < Width; ++w) {
       T* out = da + j0 + w * lanes;
-      const U sum = os * (da_even[w] + da_odd[w]);
+      const U sum = simd::unfused(os * (da_even[w] + da_odd[w]));
       store(out, beta == T(0) ? sum : sum + beta * load<U>(out));
       if (db) {
         T* bias = db + j0 + w * lanes;
@@ -336,11 +336,12 @@ PHYSAI_INLINE void backprop_single_output_sums_impl(Activation act, int64_t rows
                                                     const T* a, const T* S, const T* D1, T* dZ, T beta, T* da,
                                                     T* db) {
   using V = typename simd::Vec<T>::type;
-  // Four vectors of columns a block where AVX-512's 32 registers hold their 20 (a, and the even and odd sums) and S
-  // and dZ overflow a 32 KiB L1: each row's cache lines are then visited half as often (float, rows x m = 256 x 64:
-  // 20% faster; 128 x 64 and 256 x 32: 16-25%). Where they fit, the two-vector blocks were 10% faster (128 x 32);
-  // with AVX2's 16 registers the spills made four 35% slower. The blocks do not change the bits: every column is
-  // summed on its own.
+  // Blocks of four vectors (of one AVX2 register each) where AVX-512's 32 vector registers hold their 20 (a, and the
+  // even and odd sums) and the tile's S and dZ overflow 32 KiB of L1: each row's cache lines are visited half as
+  // often. Measured on an Intel Xeon with 48 KiB of L1 (AVX-512), float: 20% faster at rows x m = 256 x 64, 16-25% at
+  // 128 x 64 and 256 x 32, 10% in double; 10% slower at 128 x 32, in L1; AVX2's clone on the same CPU, 16 registers,
+  // was 35% slower with four. The blocks do not change the bits: every column is summed on its own, in the same
+  // expressions (the row lambda inline, the sum unfused, whatever the block).
   const bool four = gemm::micro_vector_bytes() == 64 && 2 * rows * m * int64_t(sizeof(T)) > (int64_t(32) << 10);
   with_slope(act, S, D1, [&](const T* source, auto slope) PHYSAI_INLINE_LAMBDA {
     int64_t j = four ? backprop_sums_columns<V, 4>(0, rows, m, os, G, a, S, source, slope, dZ, beta, da, db) : 0;
