@@ -305,8 +305,8 @@ def test_single_output_backward_pass_gives_the_bits_of_its_three_passes(dtype, b
     # GEMM, column sums), with sigma' from S (tanh) or from the activation pass's D1 (the others). Both must give the
     # same bits, so for members whose rows make one tile (n <= 128 here; longer batches cut the untracked step's
     # rows into blocks) tracking the sharpness leaves the trajectory as it is. Widths 3 to 70 run every column block
-    # and tail of the one pass (70 rows of 127 or 128 overflow L1, where AVX-512 CPUs take blocks of four vectors);
-    # n odd and even, the last row of the even/odd sums.
+    # and tail of the one pass (m = 70 over 127 or 128 rows: S and dZ overflow 32 KiB, where AVX-512 CPUs take
+    # blocks of four vectors); n odd and even, the last row of the even/odd sums.
     for m, n in ((3, 7), (13, 64), (37, 33), (70, 128), (70, 127)):
         runs = []
         for track in (None, 1):
